@@ -1,0 +1,483 @@
+"""Patched modules: run a module's own code on fast weights it does not own.
+
+``monkeypatch(model)`` returns a light proxy around ``model`` (never a copy or a subclass of
+its class). The proxy holds the fast weights (a list in ``model.parameters()`` order, with
+their history while tracking higher-order gradients), its own copies of the buffers and its
+own training flags; each call lends them to ``model`` for the duration of the call and then
+restores what ``model`` held, also when the forward raises.
+
+Example:
+    >>> model = torch.nn.Linear(3, 1)
+    >>> fmodel = monkeypatch(model, copy_initial_weights=False)
+    >>> loss = fmodel(torch.randn(8, 3)).pow(2).mean()
+    >>> grads = torch.autograd.grad(loss, fmodel.parameters(), create_graph=True)
+    >>> fmodel.update_params([p - 0.1 * g for p, g in zip(fmodel.parameters(), grads)])
+    >>> fmodel(torch.randn(8, 3)).sum().backward()  # gradients reach model.weight, model.bias
+
+Differs from higher: submodule views (``fmodel.encoder``) are created on demand and are not
+listed by ``fmodel.children()``; ``make_functional`` copies the buffers at once, so
+``buffer_sync`` is only needed to refresh them.
+"""
+
+from __future__ import annotations
+
+import typing as _typing
+import warnings as _warnings
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch as _torch
+from torch import nn as _nn
+
+from ._lending import SlotPlan as _SlotPlan
+
+_Params = Union[Sequence[_torch.Tensor], Mapping[str, _torch.Tensor]]
+_EncapsulatorType = Optional[Callable[["_MonkeyPatchBase", _nn.Module], None]]
+
+__all__ = ["monkeypatch", "make_functional", "buffer_sync"]
+
+
+class _MonkeyPatchBase(_nn.Module):
+    """What every patched module and every view of one of its submodules is an instance of.
+
+    A patched module reads like the module it wraps: calls, submodules (``fmodel.encoder``),
+    custom methods (``fmodel.embed(x)``) and tensor attributes (``fmodel.fc.weight``) all see
+    the current fast weights. Other attributes are read from the wrapped module.
+    """
+
+    # The wrapped (sub)module, the root patched module that owns the state, and the dotted
+    # path from the root's module to the wrapped one ("" for the root itself).
+    _module: _nn.Module
+    _root: "_PatchedModule"
+    _prefix: str
+
+    def _setup(self, module: _nn.Module, root: "_PatchedModule", prefix: str) -> None:
+        _nn.Module.__init__(self)
+        object.__setattr__(self, "_module", module)
+        object.__setattr__(self, "_root", root)
+        object.__setattr__(self, "_prefix", prefix)
+        object.__setattr__(self, "_views", {})
+
+    # -- calls ------------------------------------------------------------------------------
+    def __call__(self, *args: Any, params: Optional[_Params] = None, **kwargs: Any) -> Any:
+        """Call the wrapped module (its forward hooks included) on the fast weights.
+
+        Args:
+            params: optional new fast weights for the whole patched module (a list in
+                ``module.parameters()`` order, or a name->tensor dict). As in higher, they
+                become the current fast weights.
+        """
+        return self._root._run(self._module, params, args, kwargs)
+
+    def forward(self, *args: Any, params: Optional[_Params] = None, **kwargs: Any) -> Any:
+        """Like calling the patched module, without the wrapped module's hooks."""
+        return self._root._run(self._module.forward, params, args, kwargs)
+
+    # -- reading the wrapped module -----------------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        # Only reached when normal lookup fails, i.e. for the wrapped module's own names.
+        root = self.__dict__.get("_root")
+        if name.startswith("__") or root is None or "_index" not in root.__dict__:
+            raise AttributeError(name)  # still being constructed
+        module = self.__dict__["_module"]
+        qualified = self._prefix + name
+        tensor = root._current_tensor(qualified)
+        if tensor is not None:
+            return tensor
+        attr = getattr(module, name)
+        if isinstance(attr, _nn.Module):
+            return self._view(name, attr)
+        if isinstance(module, _nn.ModuleDict) and name in ("keys", "items", "values"):
+            return getattr(dict(self.named_children()), name)
+        if callable(attr) and getattr(attr, "__self__", None) is module:
+
+            def on_fast_weights(*args: Any, **kwargs: Any) -> Any:
+                return root._run(attr, None, args, kwargs)
+
+            on_fast_weights.__name__ = name
+            on_fast_weights.__doc__ = attr.__doc__
+            return on_fast_weights
+        return attr
+
+    def _view(self, name: str, submodule: _nn.Module) -> "_PatchedView":
+        views = self.__dict__["_views"]
+        view = views.get(name)
+        if view is None or view._module is not submodule:
+            view = views[name] = _PatchedView(submodule, self._root, self._prefix + name + ".")
+        return view
+
+    # Containers (Sequential, ModuleList, ModuleDict) hand out views of their children, never
+    # the children themselves, which would run on the original weights.
+    def named_children(self) -> Iterator[Tuple[str, "_PatchedView"]]:
+        return iter([(n, self._view(n, m)) for n, m in self._module.named_children()])
+
+    def children(self) -> Iterator["_PatchedView"]:
+        return (view for _, view in self.named_children())
+
+    def __getitem__(self, key: Any) -> Any:
+        item = self._module[key]
+        if not isinstance(item, _nn.Module):
+            return item
+        for name, child in self._module.named_children():
+            if child is item:
+                return self._view(name, child)
+        raise TypeError(
+            f"{type(self._module).__name__}[{key!r}] is not a direct child; slicing a patched "
+            "container is not supported (index its children one by one)"
+        )
+
+    def __bool__(self) -> bool:  # `if fmodel:` must not fall back to __len__
+        return True
+
+    def __len__(self) -> int:
+        return len(self._module)
+
+    def __iter__(self) -> Iterator[Any]:
+        if isinstance(self._module, _nn.ModuleDict):
+            return iter(self._module)
+        return self.children()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Assigning a parameter name replaces that fast weight, as in higher; anything else is
+        # a plain attribute of the proxy (never registered, never lent to the module).
+        root = self.__dict__.get("_root")
+        index = None if root is None else root.__dict__.get("_index")
+        qualified = self._prefix + name if index else None
+        if qualified in (index or ()):
+            params = list(root._params_at(None))
+            params[root._index[qualified]] = value
+            root.update_params(params)
+        else:
+            object.__setattr__(self, name, value)
+
+    # -- parameters, buffers, modes -----------------------------------------------------------
+    def parameters(
+        self, recurse: bool = True, time: Optional[int] = None
+    ) -> Iterator[_torch.Tensor]:
+        """The fast weights of this (sub)module, in ``module.parameters()`` order.
+
+        Args:
+            recurse: kept for ``nn.Module`` compatibility; as in higher, ``False`` still
+                yields the weights of all submodules, with a warning.
+            time: which step's weights: ``None`` (or -1) for the latest, ``k`` for the weights
+                after ``k`` updates (0: the initial ones).
+
+        Raises:
+            ValueError: ``time`` names a past step while not tracking higher-order gradients,
+                or an unknown step; or the patched module has no fast weights yet.
+        """
+        return (p for _, p in self.named_parameters(recurse=recurse, time=time))
+
+    def named_parameters(
+        self,
+        prefix: str = "",
+        recurse: bool = True,
+        remove_duplicate: bool = True,
+        time: Optional[int] = None,
+    ) -> Iterator[Tuple[str, _torch.Tensor]]:
+        """``(name, fast weight)`` pairs, names relative to this (sub)module."""
+        if not recurse:
+            _warnings.warn(
+                "parameters(recurse=False) on a patched module still yields the fast weights "
+                "of all its submodules",
+                stacklevel=2,
+            )
+        params = self._root._params_at(time)
+        return self._own_named(self._root._plan.param_names, params, prefix)
+
+    def buffers(self, recurse: bool = True) -> Iterator[_torch.Tensor]:
+        """The patched module's own copies of the buffers, in ``module.buffers()`` order."""
+        return (b for _, b in self.named_buffers())
+
+    def named_buffers(
+        self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
+    ) -> Iterator[Tuple[str, _torch.Tensor]]:
+        """``(name, buffer)`` pairs of the patched module's own buffer copies."""
+        return self._own_named(self._root._plan.buffer_names, self._root._buffers_list, prefix)
+
+    def _own_named(self, names, tensors, prefix):
+        start = self._prefix
+        return iter(
+            [
+                (prefix + ("." if prefix else "") + name[len(start) :], tensor)
+                for name, tensor in zip(names, tensors)
+                if name.startswith(start)
+            ]
+        )
+
+    def train(self, mode: bool = True) -> "_MonkeyPatchBase":
+        """Set the training flag of the wrapped (sub)module and its children, for this patched
+        module only: the original module's flags are untouched."""
+        if not isinstance(mode, bool):
+            raise ValueError(f"training mode is expected to be boolean, got {type(mode).__name__}")
+        root = self._root
+        for m in self._module.modules():
+            root._modes[root._module_index[id(m)]] = mode
+        return self
+
+    def eval(self) -> "_MonkeyPatchBase":
+        return self.train(False)
+
+    @property
+    def training(self) -> bool:  # type: ignore[override]
+        root = self.__dict__.get("_root")
+        if root is None:  # inside nn.Module.__init__
+            return True
+        return root._modes[root._module_index[id(self._module)]]
+
+    @training.setter
+    def training(self, mode: bool) -> None:
+        if "_root" in self.__dict__:  # nn.Module.__init__ sets it before we exist
+            self.train(mode)
+
+    def state_dict(self, *args: Any, prefix: str = "", keep_vars: bool = False, **kwargs: Any):
+        """The wrapped module's ``state_dict`` with the fast weights and buffer copies in place
+        of its own tensors: it loads into the original module's class (to save an adapted
+        model)."""
+        if args or kwargs:
+            raise TypeError("state_dict() of a patched module takes only prefix= and keep_vars=")
+        root = self._root
+        current = {id(p): q for p, q in zip(root._plan.params, root._params_at(None))}
+        current.update({id(b): c for b, c in zip(root._plan.buffers, root._buffers_list)})
+        state = self._module.state_dict(prefix=prefix, keep_vars=True)
+        for key, tensor in state.items():
+            tensor = current.get(id(tensor), tensor)
+            state[key] = tensor if keep_vars else tensor.detach()
+        return state
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._module!r})"
+
+    def __dir__(self):
+        return sorted(set(super().__dir__()) | set(dir(self._module)))
+
+
+class _PatchedView(_MonkeyPatchBase):
+    """A submodule of a patched module, called on the root's current fast weights."""
+
+    def __init__(self, module: _nn.Module, root: "_PatchedModule", prefix: str) -> None:
+        self._setup(module, root, prefix)
+
+
+class _PatchedModule(_MonkeyPatchBase):
+    """The root patched module: owns the fast weights, buffer copies and training flags."""
+
+    def __init__(self, module: _nn.Module) -> None:
+        self._setup(module, self, "")
+        plan = _SlotPlan(module)
+        self._plan = plan
+        self._index = {name: i for i, name in enumerate(plan.param_names)}
+        self._buffer_index = {name: i for i, name in enumerate(plan.buffer_names)}
+        self._shapes = [p.shape for p in plan.params]
+        self._buffers_list: List[_torch.Tensor] = [b.detach().clone() for b in plan.buffers]
+        self._modes: List[bool] = [m.training for m in plan.modules]
+        self._module_index = {id(m): i for i, m in enumerate(plan.modules)}
+        self._fast_params: Optional[List[List[_torch.Tensor]]] = None
+        self._track_higher_grads = True
+
+    # -- fast weights --------------------------------------------------------------------------
+    @property
+    def fast_params(self) -> Optional[List[_torch.Tensor]]:
+        """The latest fast weights, in ``module.parameters()`` order (``None`` before any)."""
+        return None if self._fast_params is None else self._fast_params[-1]
+
+    @fast_params.setter
+    def fast_params(self, value: _Params) -> None:
+        value = self._as_param_list(value)
+        if self._fast_params is None or not self._track_higher_grads:
+            self._fast_params = [value]
+        else:
+            self._fast_params.append(value)
+
+    @property
+    def init_fast_params(self) -> List[_torch.Tensor]:
+        """The initial fast weights (only kept while tracking higher-order gradients)."""
+        if not self._track_higher_grads:
+            raise ValueError(
+                "initial fast weights are not kept when not tracking higher-order gradients"
+            )
+        return self._params_at(0)
+
+    def update_params(self, params: _Params) -> None:
+        """Make ``params`` the current fast weights (appended to the history when tracking).
+
+        Args:
+            params: a list in ``module.parameters()`` order, or a name->tensor dict.
+
+        Raises:
+            ValueError: the count, a name or a shape does not match the module's parameters.
+            TypeError: an entry is not a tensor.
+        """
+        self.fast_params = params
+
+    @property
+    def track_higher_grads(self) -> bool:
+        """Whether the history of fast weights is kept for differentiating through it."""
+        return self._track_higher_grads
+
+    @track_higher_grads.setter
+    def track_higher_grads(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise ValueError(f"track_higher_grads must be a bool, got {type(value).__name__}")
+        self._track_higher_grads = value
+
+    def _params_at(self, time: Optional[int]) -> List[_torch.Tensor]:
+        if self._fast_params is None:
+            raise ValueError(
+                "this patched module has no fast weights: pass params= to the call, or create "
+                "it with monkeypatch()"
+            )
+        time = -1 if time is None else time
+        if not self._track_higher_grads and time not in (-1, 0):
+            raise ValueError(
+                f"parameters(time={time}): only the latest fast weights are kept when not "
+                "tracking higher-order gradients"
+            )
+        try:
+            return self._fast_params[time]
+        except IndexError:
+            raise ValueError(
+                f"parameters(time={time}): only {len(self._fast_params)} steps are recorded"
+            ) from None
+
+    def _as_param_list(self, params: _Params) -> List[_torch.Tensor]:
+        names = self._plan.param_names
+        if isinstance(params, Mapping):
+            unknown = [k for k in params if k not in self._index]
+            missing = [k for k in names if k not in params]
+            if unknown or missing:
+                raise KeyError(
+                    "params dict does not match the module's parameters: "
+                    f"unknown {unknown}, missing {missing}"
+                )
+            params = [params[k] for k in names]
+        elif isinstance(params, _torch.Tensor):
+            raise TypeError("params must be a list or dict of tensors, got a single tensor")
+        else:
+            params = list(params)
+        if len(params) != len(names):
+            raise ValueError(
+                f"expected {len(names)} parameters (one per distinct parameter of the module, "
+                f"tied weights once), got {len(params)}"
+            )
+        for name, p, shape in zip(names, params, self._shapes):
+            if not isinstance(p, _torch.Tensor):
+                raise TypeError(f"parameter {name!r} must be a tensor, got {type(p).__name__}")
+            if p.shape != shape:
+                raise ValueError(
+                    f"parameter {name!r} has shape {tuple(p.shape)}, expected {tuple(shape)}"
+                )
+        return params
+
+    def _current_tensor(self, name: str) -> Optional[_torch.Tensor]:
+        i = self._index.get(name)
+        if i is not None:
+            return self._params_at(None)[i]
+        i = self._buffer_index.get(name)
+        if i is not None:
+            return self._buffers_list[i]
+        return None
+
+    def _run(
+        self, fn: Callable[..., Any], params: Optional[_Params], args: tuple, kwargs: dict
+    ) -> Any:
+        if params is not None:
+            self.fast_params = params
+        return self._plan.call(
+            fn, self._params_at(None), self._buffers_list, self._modes, args, kwargs
+        )
+
+    def __repr__(self) -> str:
+        steps = "no fast weights" if self._fast_params is None else (
+            f"{len(self._fast_params)} fast weight step(s) kept"
+        )
+        return f"MonkeyPatched({self._module!r}) [{steps}]"
+
+
+def make_functional(module: _nn.Module, encapsulator: _EncapsulatorType = None) -> _MonkeyPatchBase:
+    """A patched module without fast weights: every call must pass ``params=``.
+
+    Args:
+        module: the module to wrap; it is never modified.
+        encapsulator: optional ``f(fmodule, module)`` run once on the new patched module, e.g.
+            to give it initial fast weights with ``fmodule.update_params``.
+
+    Returns:
+        The patched module, holding copies of ``module``'s buffers.
+
+    Raises:
+        ValueError: ``module`` is already a patched module.
+    """
+    if isinstance(module, _MonkeyPatchBase):
+        raise ValueError(
+            "this module is already a patched module; patch the original module instead"
+        )
+    if not isinstance(module, _nn.Module):
+        raise TypeError(f"expected a torch.nn.Module, got {type(module).__name__}")
+    fmodule = _PatchedModule(module)
+    if encapsulator is not None:
+        encapsulator(fmodule, module)
+    return fmodule
+
+
+def buffer_sync(
+    module: _nn.Module, fmodule: _MonkeyPatchBase, device: Optional[_torch.device] = None
+) -> None:
+    """Overwrite ``fmodule``'s buffer copies with fresh copies of ``module``'s buffers.
+
+    Raises:
+        KeyError: ``module`` has a buffer the patched module does not know.
+    """
+    root = fmodule._root
+    for name, buffer in module.named_buffers():
+        name = fmodule._prefix + name
+        if name not in root._buffer_index:
+            raise KeyError(f"buffer {name!r} is not a buffer of the patched module")
+        copy = buffer.detach().clone()
+        root._buffers_list[root._buffer_index[name]] = copy if device is None else copy.to(device)
+
+
+def monkeypatch(
+    module: _nn.Module,
+    device: Optional[_torch.device] = None,
+    copy_initial_weights: bool = True,
+    track_higher_grads: bool = True,
+) -> _MonkeyPatchBase:
+    """Wrap ``module`` so that it runs on fast weights that optimizers can update differentiably.
+
+    Args:
+        module: any ``torch.nn.Module``; it is never modified.
+        device: optional device to cast the fast weights and buffer copies to.
+        copy_initial_weights: if True, the initial fast weights are detached copies of the
+            module's parameters (no gradient flows back into ``module``); if False they are
+            ``module``'s parameters themselves, cloned inside the graph, so a loss on the
+            adapted weights backpropagates into ``module`` (MAML).
+        track_higher_grads: if True, the history of fast weights is kept so that losses can be
+            differentiated through the whole unroll; if False only the latest are kept
+            ("test mode").
+
+    Returns:
+        The patched module (a ``_MonkeyPatchBase``); call it like ``module``, optionally with
+        ``params=``.
+
+    Raises:
+        ValueError: ``module`` is already patched, or ``track_higher_grads`` is not a bool.
+    """
+
+    def encapsulator(fmodule: _MonkeyPatchBase, module: _nn.Module) -> None:
+        if copy_initial_weights:
+            params = [p.detach().clone().requires_grad_(p.requires_grad) for p in module.parameters()]
+        else:
+            params = [p.clone() for p in module.parameters()]
+        if device is not None:
+            params = [p.to(device) for p in params]
+        buffer_sync(module, fmodule, device)
+        fmodule.update_params(params)
+
+    fmodule = make_functional(module, encapsulator=encapsulator)
+    fmodule.track_higher_grads = track_higher_grads
+    return fmodule
+
+
+# Keep `higher.patch`'s type names importable for code that annotates with them.
+_BufferType = Dict[str, Optional[_torch.Tensor]]
+del _typing

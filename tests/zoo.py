@@ -1,0 +1,437 @@
+"""A zoo of tiny models shared by the tests, and helpers to compare and inspect them.
+
+Every factory in ``ZOO`` builds a fresh, seeded model and its inputs, so two calls give two
+independent modules with identical weights and buffers (one for ``higher_func``, one for the
+``higher`` oracle). The zoo spans the module kinds a patched module must handle: plain layers,
+convolution with BatchNorm, recurrent modules and cells, tied and frozen weights, ``None``
+parameters, parametrizations, custom methods and containers.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections import OrderedDict
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrizations, parametrize
+
+
+@dataclasses.dataclass
+class Case:
+    """One zoo entry: a model, the positional inputs of its forward, and inputs that make it fail.
+
+    ``bad_inputs`` make forward raise part-way through (after some layers, and BatchNorm buffer
+    updates, have already run), to check that a failing call leaves the module as it found it.
+    """
+
+    name: str
+    model: nn.Module
+    inputs: tuple
+    bad_inputs: tuple
+
+
+def _randn(*shape: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.randn(*shape, dtype=dtype)
+
+
+def _build(name: str, seed: int, dtype: torch.dtype, make: Callable[[torch.dtype], Case]) -> Case:
+    # fork_rng keeps the global generator untouched, so building a model never shifts the
+    # random numbers a test draws afterwards.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        case = make(dtype)
+    case.name = name
+    return case
+
+
+def _one_more_feature(x: torch.Tensor) -> torch.Tensor:
+    """The input with one more feature on its last axis: the first layer's shape check fails."""
+    return torch.cat([x, x[..., :1]], dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models that need their own forward.
+# ---------------------------------------------------------------------------------------------
+
+
+class LSTMClassifier(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(3, 5, batch_first=True)
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, (h, c) = self.lstm(x)
+        return self.head(out[:, -1] + h[0] * c[0])
+
+
+class LSTMCellUnroll(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.cell = nn.LSTMCell(3, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.new_zeros(x.shape[0], 4)
+        c = x.new_zeros(x.shape[0], 4)
+        for t in range(x.shape[1]):
+            h, c = self.cell(x[:, t], (h, c))
+        return self.head(h)
+
+
+class TiedLM(nn.Module):
+    """The output projection shares its weight with the embedding."""
+
+    def __init__(self, vocab: int = 10, width: int = 6) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab, width)
+        self.hidden = nn.Linear(width, width)
+        self.output = nn.Linear(width, vocab)
+        self.output.weight = self.embedding.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.output(torch.tanh(self.hidden(self.embedding(tokens))))
+
+
+class Symmetric(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.triu() + x.triu(1).transpose(-1, -2)
+
+
+class LearnableScale(nn.Module):
+    """A parametrization with a parameter of its own, so it shows up in ``parameters()``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * x
+
+
+class EncoderWithEmbed(nn.Module):
+    """A submodule ``encoder``, a custom method ``embed``, a root parameter and a plain attribute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden_size = 6
+        self.encoder = nn.Sequential(
+            OrderedDict(fc=nn.Linear(4, self.hidden_size), act=nn.Tanh())
+        )
+        self.scale = nn.Parameter(torch.randn(self.hidden_size))
+        self.head = nn.Linear(self.hidden_size, 2)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x) * self.scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(x))
+
+
+class EmbedNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(12, 6, padding_idx=0)
+        self.norm = nn.LayerNorm(6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.embedding(tokens)).mean(dim=1))
+
+
+class Containers(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)])
+        self.heads = nn.ModuleDict({"a": nn.Linear(4, 2), "b": nn.Linear(4, 2)})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = torch.tanh(block(x))
+        return self.heads["a"](x) * self.heads["b"](x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Factories.
+# ---------------------------------------------------------------------------------------------
+
+
+def _warm_up_batchnorm(model: nn.Module, x: torch.Tensor) -> None:
+    # Running statistics away from their (0, 1) defaults, so eval-mode checks can tell the
+    # copied statistics from fresh ones.
+    with torch.no_grad():
+        for _ in range(2):
+            model(x + torch.randn_like(x))
+
+
+def _mlp(dtype):
+    model = nn.Sequential(
+        nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)
+    ).to(dtype)
+    x = _randn(5, 4, dtype=dtype)
+    return Case("", model, (x,), (_one_more_feature(x),))
+
+
+def _conv_bn(dtype):
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(4 * 3 * 3, 3),
+    ).to(dtype)
+    x = _randn(4, 2, 6, 6, dtype=dtype)
+    _warm_up_batchnorm(model, x)
+    # Larger images pass the convolution and BatchNorm, then fail at the Linear layer.
+    return Case("", model, (x,), (_randn(4, 2, 8, 8, dtype=dtype),))
+
+
+def _lstm(dtype):
+    model = LSTMClassifier().to(dtype)
+    x = _randn(2, 4, 3, dtype=dtype)
+    return Case("", model, (x,), (_one_more_feature(x),))
+
+
+def _gru(dtype):
+    model = nn.GRU(3, 4, num_layers=2).to(dtype)
+    x = _randn(5, 2, 3, dtype=dtype)
+    return Case("", model, (x,), (_one_more_feature(x),))
+
+
+def _rnn(dtype):
+    model = nn.RNN(3, 4, bidirectional=True).to(dtype)
+    x = _randn(5, 2, 3, dtype=dtype)
+    return Case("", model, (x,), (_one_more_feature(x),))
+
+
+def _lstm_cell(dtype):
+    model = LSTMCellUnroll().to(dtype)
+    x = _randn(2, 3, 3, dtype=dtype)
+    return Case("", model, (x,), (_one_more_feature(x),))
+
+
+def _gru_cell(dtype):
+    model = nn.GRUCell(3, 4).to(dtype)
+    x, h = _randn(2, 3, dtype=dtype), _randn(2, 4, dtype=dtype)
+    return Case("", model, (x, h), (_one_more_feature(x), h))
+
+
+def _rnn_cell(dtype):
+    model = nn.RNNCell(3, 4).to(dtype)
+    x = _randn(2, 3, dtype=dtype)
+    return Case("", model, (x,), (_one_more_feature(x),))
+
+
+def _tied(dtype):
+    model = TiedLM().to(dtype)
+    tokens = torch.randint(0, 10, (3, 4))
+    return Case("", model, (tokens,), (tokens + 10,))
+
+
+def _frozen(dtype):
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).to(dtype)
+    model[0].weight.requires_grad_(False)
+    model[2].bias.requires_grad_(False)
+    x = _randn(5, 4, dtype=dtype)
+    return Case("", model, (x,), (_one_more_feature(x),))
+
+
+def _none_bias(dtype):
+    # bias=False, and BatchNorm without affine parameters: both register ``None`` parameters.
+    model = nn.Sequential(
+        nn.Linear(4, 6, bias=False),
+        nn.BatchNorm1d(6, affine=False),
+        nn.Tanh(),
+        nn.Linear(6, 3, bias=False),
+    ).to(dtype)
+    x = _randn(5, 4, dtype=dtype)
+    _warm_up_batchnorm(model, x)
+    bad = torch.cat([x, x[:, :1]], dim=1)
+    return Case("", model, (x,), (bad,))
+
+
+def _weight_norm(dtype):
+    model = nn.Sequential(
+        parametrizations.weight_norm(nn.Linear(4, 6)), nn.Tanh(), nn.Linear(6, 3)
+    ).to(dtype)
+    x = _randn(5, 4, dtype=dtype)
+    return Case("", model, (x,), (_one_more_feature(x),))
+
+
+def _custom_parametrization(dtype):
+    layer = nn.Linear(5, 5)
+    parametrize.register_parametrization(layer, "weight", Symmetric())
+    parametrize.register_parametrization(layer, "weight", LearnableScale())
+    model = nn.Sequential(nn.Tanh(), layer, nn.Tanh(), nn.Linear(5, 2)).to(dtype)
+    x = _randn(3, 5, dtype=dtype)
+    return Case("", model, (x,), (_one_more_feature(x),))
+
+
+def _encoder_embed(dtype):
+    model = EncoderWithEmbed().to(dtype)
+    x = _randn(5, 4, dtype=dtype)
+    return Case("", model, (x,), (_one_more_feature(x),))
+
+
+def _layernorm_embedding(dtype):
+    model = EmbedNorm().to(dtype)
+    tokens = torch.randint(0, 12, (3, 5))
+    return Case("", model, (tokens,), (tokens + 12,))
+
+
+def _containers(dtype):
+    model = Containers().to(dtype)
+    x = _randn(5, 4, dtype=dtype)
+    return Case("", model, (x,), (_one_more_feature(x),))
+
+
+def _factory(name: str, seed: int, make: Callable[[torch.dtype], Case]):
+    def factory(dtype: torch.dtype = torch.float64) -> Case:
+        return _build(name, seed, dtype, make)
+
+    factory.__name__ = name
+    return factory
+
+
+_MAKERS = {
+    "mlp": _mlp,
+    "conv_bn": _conv_bn,
+    "lstm": _lstm,
+    "gru": _gru,
+    "rnn": _rnn,
+    "lstm_cell": _lstm_cell,
+    "gru_cell": _gru_cell,
+    "rnn_cell": _rnn_cell,
+    "tied": _tied,
+    "frozen": _frozen,
+    "none_bias": _none_bias,
+    "weight_norm": _weight_norm,
+    "custom_parametrization": _custom_parametrization,
+    "encoder_embed": _encoder_embed,
+    "layernorm_embedding": _layernorm_embedding,
+    "containers": _containers,
+}
+
+ZOO: dict[str, Callable[..., Case]] = {
+    name: _factory(name, seed, make) for seed, (name, make) in enumerate(_MAKERS.items())
+}
+"""Every zoo model by name: ``ZOO[name](dtype=torch.float64) -> Case``."""
+
+WITH_BATCHNORM = ("conv_bn", "none_bias")
+RECURRENT = ("lstm", "gru", "rnn", "lstm_cell", "gru_cell", "rnn_cell")
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers.
+# ---------------------------------------------------------------------------------------------
+
+
+def tensors_in(tree: Any) -> list[torch.Tensor]:
+    """The tensors of a nested output (tensor, tuple, list or dict), in order."""
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    if isinstance(tree, dict):
+        return [t for v in tree.values() for t in tensors_in(v)]
+    if isinstance(tree, (tuple, list)):
+        return [t for v in tree for t in tensors_in(v)]
+    return []
+
+
+def scalar_loss(output: Any) -> torch.Tensor:
+    """A smooth, non-symmetric scalar of any model output, with non-zero second derivatives."""
+    return sum(((t * t).sum() + torch.sin(t).sum()) for t in tensors_in(output))
+
+
+def assert_trees_close(actual: Any, expected: Any, atol: float = 1e-10, rtol: float = 1e-8):
+    actual_tensors, expected_tensors = tensors_in(actual), tensors_in(expected)
+    assert len(actual_tensors) == len(expected_tensors)
+    assert actual_tensors, "nothing to compare"
+    for a, e in zip(actual_tensors, expected_tensors):
+        torch.testing.assert_close(a, e, atol=atol, rtol=rtol)
+
+
+def perturbed_params(
+    module: nn.Module, seed: int = 1, scale: float = 0.1, requires_grad: bool = True
+) -> list[torch.Tensor]:
+    """New fast weights near the module's, in ``module.parameters()`` order, as graph leaves.
+
+    A parameter frozen in the module gets a frozen fast weight.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    params = []
+    for p in module.parameters():
+        noise = torch.randn(p.shape, generator=generator, dtype=p.dtype)
+        new = (p.detach() + scale * noise).clone()
+        params.append(new.requires_grad_(requires_grad and p.requires_grad))
+    return params
+
+
+def with_params(module: nn.Module, params: list[torch.Tensor]) -> nn.Module:
+    """A deep copy of ``module`` with ``params`` (``module.parameters()`` order) loaded."""
+    clone = copy.deepcopy(module)
+    clone_params = list(clone.parameters())
+    assert len(clone_params) == len(params)
+    with torch.no_grad():
+        for p, new in zip(clone_params, params):
+            p.copy_(new)
+    return clone
+
+
+def trainable(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [p for p in params if p.requires_grad]
+
+
+@dataclasses.dataclass
+class ModuleSnapshot:
+    classes: dict[str, type]
+    training: dict[str, bool]
+    slots: dict[str, dict[str, Any]]
+    values: dict[str, torch.Tensor]
+    requires_grad: dict[str, bool]
+    flat_weights: dict[str, list[Any]]
+
+
+def snapshot(module: nn.Module) -> ModuleSnapshot:
+    """Everything about ``module`` that patching or calling a patched module must not change."""
+    classes, training, slots, values, requires_grad, flat_weights = {}, {}, {}, {}, {}, {}
+    for prefix, sub in module.named_modules(remove_duplicate=False):
+        classes[prefix] = type(sub)
+        training[prefix] = sub.training
+        for kind in ("_parameters", "_buffers"):
+            for name, tensor in getattr(sub, kind).items():
+                key = f"{prefix}.{name}" if prefix else name
+                slots[f"{kind}:{key}"] = {"object": tensor}
+                if tensor is not None:
+                    values[key] = tensor.detach().clone()
+                    requires_grad[key] = tensor.requires_grad
+        if hasattr(sub, "_flat_weights"):
+            flat_weights[prefix] = list(sub._flat_weights)
+    return ModuleSnapshot(classes, training, slots, values, requires_grad, flat_weights)
+
+
+def assert_module_unchanged(module: nn.Module, before: ModuleSnapshot) -> None:
+    """Assert the module holds the very same tensor objects, values, modes and class as before."""
+    after = snapshot(module)
+    assert after.classes == before.classes, "a submodule's class changed"
+    assert after.training == before.training, "a submodule's training mode changed"
+    assert after.slots.keys() == before.slots.keys(), "parameter or buffer slots were added/removed"
+    for key, slot in before.slots.items():
+        assert after.slots[key]["object"] is slot["object"], f"{key} was replaced"
+    for key, value in before.values.items():
+        assert torch.equal(after.values[key], value), f"{key} changed value"
+        assert after.requires_grad[key] == before.requires_grad[key], f"{key} requires_grad changed"
+    for prefix, sub in module.named_modules(remove_duplicate=False):
+        if hasattr(sub, "_flat_weights"):
+            # RNN modules keep their weights in a list too: it must hold the module's own
+            # Parameters, the same objects as before.
+            names = sub._flat_weights_names
+            assert len(sub._flat_weights) == len(names)
+            for name, weight, old in zip(names, sub._flat_weights, before.flat_weights[prefix]):
+                assert weight is getattr(sub, name), f"{prefix}._flat_weights[{name}] not restored"
+                assert weight is old, f"{prefix}._flat_weights[{name}] replaced"
+    for name, p in module.named_parameters():
+        assert p.grad is None, f"{name}.grad was written"
