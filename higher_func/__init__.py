@@ -10,7 +10,80 @@ Legacy code keeps working with one changed line::
         F.mse_loss(fmodel(xq), yq).backward()  # meta-gradients in model's .grad
 """
 
-from . import patch, utils
+from contextlib import contextmanager as _contextmanager
+from typing import Iterator as _Iterator
+from typing import Optional as _Optional
+from typing import Tuple as _Tuple
+
+import torch as _torch
+
+from . import optim, patch, utils
+from .optim import create_diff_optim, get_diff_optim, register_optim
 from .patch import monkeypatch
 
-__all__ = ["patch", "utils", "monkeypatch"]
+__all__ = [
+    "innerloop_ctx",
+    "monkeypatch",
+    "get_diff_optim",
+    "create_diff_optim",
+    "register_optim",
+    "optim",
+    "patch",
+    "utils",
+]
+
+
+@_contextmanager
+def innerloop_ctx(
+    model: _torch.nn.Module,
+    opt: _torch.optim.Optimizer,
+    device: _Optional[_torch.device] = None,
+    copy_initial_weights: bool = True,
+    override: _Optional[optim._OverrideType] = None,
+    track_higher_grads: bool = True,
+    first_order: bool = False,
+) -> _Iterator[_Tuple[patch._MonkeyPatchBase, optim.DifferentiableOptimizer]]:
+    """A patched ``model`` and a differentiable ``opt``, for writing an unrolled inner loop.
+
+    Args:
+        model: the module to adapt; it is never modified (gradients reach its parameters only
+            through ``copy_initial_weights=False``).
+        opt: an optimizer over ``model``'s parameters (or a subset), of a supported or
+            registered type; its hyperparameters, groups and state are copied.
+        device: optional device for the fast weights, buffers and optimizer state.
+        copy_initial_weights: if True (higher's default), the inner loop starts from detached
+            copies of the weights: no gradient reaches ``model``. Set False for MAML, so that
+            the meta-loss backpropagates into ``model``'s parameters.
+        override: optional learnable hyperparameters, ``{"lr": [tensor]}`` (see
+            ``higher_func.optim.DifferentiableOptimizer``).
+        track_higher_grads: if False, nothing is kept for differentiating through the loop
+            (test-time adaptation, constant memory).
+        first_order: if True, first-order MAML: inner gradients are constants, the updates
+            stay on the tape.
+
+    Yields:
+        ``(fmodel, diffopt)``: the patched model, and the optimizer whose ``step(loss)``
+        updates ``fmodel``'s fast weights.
+
+    Example:
+        >>> with innerloop_ctx(model, opt, copy_initial_weights=False) as (fmodel, diffopt):
+        ...     for _ in range(5):
+        ...         diffopt.step(F.mse_loss(fmodel(x), y))
+        ...     F.mse_loss(fmodel(xq), yq).backward()
+    """
+    fmodel = monkeypatch(
+        model,
+        device,
+        copy_initial_weights=copy_initial_weights,
+        track_higher_grads=track_higher_grads,
+    )
+    diffopt = optim.get_diff_optim(
+        opt,
+        model.parameters(),
+        fmodel=fmodel,
+        device=device,
+        override=override,
+        track_higher_grads=track_higher_grads,
+        first_order=first_order,
+    )
+    yield fmodel, diffopt

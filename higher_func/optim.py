@@ -1,0 +1,601 @@
+"""Differentiable optimizers: ``torch.optim`` steps that stay on the autograd tape.
+
+Every optimizer's update is one pure function in ``higher_func._rules`` (tensors in, tensors
+out, no in-place writes). The classes here only translate what a ``torch.optim`` optimizer
+knows (parameter groups, hyperparameters, state) and what higher's API adds (``override``,
+``grad_callback``, patched modules) into calls of that rule.
+
+Example:
+    >>> model = torch.nn.Linear(3, 1)
+    >>> opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    >>> fmodel = higher_func.monkeypatch(model, copy_initial_weights=False)
+    >>> diffopt = get_diff_optim(opt, model.parameters(), fmodel=fmodel)
+    >>> for _ in range(3):
+    ...     diffopt.step(fmodel(torch.randn(8, 3)).pow(2).mean())
+    >>> fmodel(torch.randn(8, 3)).sum().backward()  # through all three Adam steps
+
+Differs from higher: the numerics are today's ``torch.optim`` ones (higher's Adam places
+``eps`` differently, higher ignores ``maximize``); frozen parameters stay frozen when not
+tracking higher-order gradients; there is no gradient hook to hide NaNs (the rules avoid them).
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Type
+
+import torch
+
+from . import _rules
+from . import patch as _patch
+
+_OverrideType = Dict[str, List[Any]]
+_GradCallbackType = Callable[[List[Optional[torch.Tensor]]], List[Optional[torch.Tensor]]]
+_GroupedGradsType = List[List[Optional[torch.Tensor]]]
+
+__all__ = [
+    "DifferentiableOptimizer",
+    "DifferentiableSGD",
+    "DifferentiableAdam",
+    "DifferentiableAdamW",
+    "DifferentiableAdadelta",
+    "DifferentiableAdagrad",
+    "DifferentiableAdamax",
+    "DifferentiableASGD",
+    "DifferentiableRMSprop",
+    "DifferentiableRprop",
+    "DifferentiableNAdam",
+    "DifferentiableRAdam",
+    "get_diff_optim",
+    "create_diff_optim",
+    "register_optim",
+    "get_trainable_opt_params",
+    "apply_trainable_opt_params",
+]
+
+
+class DifferentiableOptimizer:
+    """A differentiable copy of a ``torch.optim`` optimizer, with its groups and state.
+
+    Args:
+        other: the optimizer to copy (hyperparameters, parameter groups and any state it has
+            accumulated, e.g. momentum after some ordinary training steps).
+        reference_params: the parameters of the model ``other`` optimizes, in
+            ``model.parameters()`` order; the fast weights passed to ``step`` follow it.
+        fmodel: optional patched module whose fast weights ``step`` reads and updates.
+        device: optional device to move the copied state to.
+        override: optional ``{hyperparameter: [value]}`` (one value for all groups) or
+            ``{hyperparameter: [v_group0, v_group1, ...]}``; values may be tensors requiring
+            grad (a learned learning rate), through which hypergradients flow.
+        grad_callback: optional ``f(grads) -> grads`` applied to the list of gradients
+            (``reference_params`` order, ``None`` for frozen or unused weights) on every step,
+            e.g. for clipping.
+        track_higher_grads: if False, the steps are not differentiable (test mode): weights
+            and state are detached after every step, so memory stays flat.
+        first_order: if True, inner gradients are taken without ``create_graph`` (treated as
+            constants), but each update ``w - lr * g`` stays on the tape: meta-gradients are
+            the first-order MAML approximation (FOMAML) instead of ``None``.
+
+    Raises:
+        ValueError: a parameter of ``other`` is not among ``reference_params``, or
+            ``override`` does not fit the parameter groups.
+    """
+
+    #: The pure update rule of this optimizer (see ``higher_func._rules``). Subclasses written
+    #: for higher that override ``_update`` instead keep working.
+    rule: Optional[_rules.UpdateRule] = None
+
+    def __init__(
+        self,
+        other: torch.optim.Optimizer,
+        reference_params: Iterable[torch.Tensor],
+        fmodel: Optional[_patch._MonkeyPatchBase] = None,
+        device: Optional[torch.device] = None,
+        override: Optional[_OverrideType] = None,
+        grad_callback: Optional[_GradCallbackType] = None,
+        track_higher_grads: bool = True,
+        first_order: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        if not isinstance(other, torch.optim.Optimizer):
+            raise TypeError(f"expected a torch.optim.Optimizer, got {type(other).__name__}")
+        reference_params = list(reference_params)
+        position = {id(p): i for i, p in enumerate(reference_params)}
+        self.param_groups: List[Dict[str, Any]] = []
+        self._group_to_param_list: List[List[int]] = []
+        self.state: List[Dict[int, Dict[str, Any]]] = []
+        for g, group in enumerate(other.param_groups):
+            indices = []
+            for i, p in enumerate(group["params"]):
+                if id(p) not in position:
+                    raise ValueError(
+                        f"parameter {i} of group {g} (shape {tuple(p.shape)}) is not among "
+                        "reference_params: pass the parameters of the model the optimizer "
+                        "was built on"
+                    )
+                indices.append(position[id(p)])
+            hyper = {k: copy.deepcopy(v) for k, v in group.items() if k != "params"}
+            self.param_groups.append({**hyper, "params": [None] * len(indices)})
+            self._group_to_param_list.append(indices)
+            self.state.append(collections.defaultdict(dict))
+            for i, p in enumerate(group["params"]):
+                if other.state.get(p):
+                    self.state[g][i] = _import_state(other.state[p], device)
+        self._num_params = len(reference_params)
+        if override is not None:
+            self._apply_override(override)
+        self._grad_callback = grad_callback
+        self._fmodel = fmodel
+        self._track_higher_grads = _check_bool("track_higher_grads", track_higher_grads)
+        self._first_order = _check_bool("first_order", first_order)
+
+    # -- stepping --------------------------------------------------------------------------------
+    def step(
+        self,
+        loss: torch.Tensor,
+        params: Optional[Iterable[torch.Tensor]] = None,
+        override: Optional[_OverrideType] = None,
+        grad_callback: Optional[_GradCallbackType] = None,
+        **kwargs: Any,
+    ) -> List[torch.Tensor]:
+        """One optimizer step on the gradient of ``loss``, replacing
+        ``opt.zero_grad(); loss.backward(); opt.step()``.
+
+        Args:
+            loss: a scalar loss computed with the current fast weights.
+            params: the fast weights to update (``reference_params`` order); defaults to the
+                patched module's current ones.
+            override: as in the constructor; replaces the stored overrides from now on.
+            grad_callback: as in the constructor, for this step only.
+
+        Returns:
+            The new fast weights; the patched module (if any) now holds them.
+
+        Raises:
+            ValueError: ``loss`` is not a scalar or does not require grad, or there are no
+                fast weights to update.
+        """
+        if override is not None:
+            self._apply_override(override)
+        params = self._current_params(params)
+        self._check_loss(loss)
+        grads = self._gradients(loss, params)
+        callback = grad_callback if grad_callback is not None else self._grad_callback
+        if callback is not None:
+            grads = list(callback(grads))
+            if len(grads) != len(params):
+                raise ValueError(
+                    f"grad_callback returned {len(grads)} gradients for {len(params)} parameters"
+                )
+        new_params = self._apply_updates(params, grads)
+        if self._fmodel is not None:
+            self._fmodel.update_params(new_params)
+        return new_params
+
+    def _current_params(self, params: Optional[Iterable[torch.Tensor]]) -> List[torch.Tensor]:
+        if params is None:
+            if self._fmodel is None or self._fmodel.fast_params is None:
+                raise ValueError(
+                    "step() needs params= when the optimizer has no patched module with fast "
+                    "weights (pass fmodel= when creating it, or params= to step)"
+                )
+            params = self._fmodel.fast_params
+        params = list(params)
+        if len(params) != self._num_params:
+            raise ValueError(
+                f"step() got {len(params)} parameters, expected {self._num_params} "
+                "(one per reference parameter)"
+            )
+        return params
+
+    def _check_loss(self, loss: torch.Tensor) -> None:
+        if not isinstance(loss, torch.Tensor):
+            raise TypeError(f"loss must be a tensor, got {type(loss).__name__}")
+        if loss.numel() != 1:
+            raise ValueError(
+                f"loss must be a scalar, got shape {tuple(loss.shape)} (reduce it, e.g. .mean())"
+            )
+
+    def _gradients(
+        self, loss: torch.Tensor, params: Sequence[torch.Tensor]
+    ) -> List[Optional[torch.Tensor]]:
+        trainable = [i for i, p in enumerate(params) if p.requires_grad]
+        grads: List[Optional[torch.Tensor]] = [None] * len(params)
+        if not trainable:
+            return grads
+        if not loss.requires_grad:
+            raise ValueError(
+                "loss does not require grad: compute it with the patched module's fast weights"
+            )
+        found = torch.autograd.grad(
+            loss.reshape(()),
+            [params[i] for i in trainable],
+            create_graph=self._track_higher_grads and not self._first_order,
+            # A weight the loss does not use gets no gradient and, as in torch.optim when
+            # p.grad is None, keeps its value and state.
+            allow_unused=True,
+        )
+        for i, g in zip(trainable, found):
+            grads[i] = g
+        return grads
+
+    def _apply_updates(
+        self, params: List[torch.Tensor], grads: List[Optional[torch.Tensor]]
+    ) -> List[torch.Tensor]:
+        grouped_grads = []
+        for group, mapping in zip(self.param_groups, self._group_to_param_list):
+            group["params"] = [params[i] for i in mapping]
+            grouped_grads.append([grads[i] for i in mapping])
+        self._update(grouped_grads)
+        new_params = list(params)
+        for group, mapping in zip(self.param_groups, self._group_to_param_list):
+            for i, p in zip(mapping, group["params"]):
+                new_params[i] = p
+        if not self._track_higher_grads:
+            new_params = [p.detach().requires_grad_(p.requires_grad) for p in new_params]
+            self.detach_state()
+        return new_params
+
+    def _update(self, grouped_grads: _GroupedGradsType, **kwargs: Any) -> None:
+        """Replace ``group['params']`` by the updated weights (higher's subclass protocol)."""
+        rule = self.rule
+        if rule is None:
+            raise NotImplementedError(
+                f"{type(self).__name__} defines neither a `rule` nor an `_update` method"
+            )
+        for group, grads, states in zip(self.param_groups, grouped_grads, self.state):
+            hyper = {k: group[k] for k in rule.hyperparameters if k in group}
+            params = group["params"]
+            for i, g in enumerate(grads):
+                if g is not None:
+                    params[i], states[i] = rule.update(params[i], g, states[i], **hyper)
+
+    # -- overrides ---------------------------------------------------------------------------------
+    def _apply_override(self, override: _OverrideType) -> None:
+        for key, values in _check_override(override, self.param_groups).items():
+            for g, group in enumerate(self.param_groups):
+                group[key] = values[0] if len(values) == 1 else values[g]
+
+    # -- state export ------------------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        """The state in ``torch.optim``'s format, to continue with an ordinary optimizer.
+
+        Example:
+            >>> opt.load_state_dict(diffopt.state_dict())  # opt over model.parameters()
+
+        Tensor hyperparameters (learned overrides) are exported as Python floats; state tensors
+        are detached copies.
+        """
+        state: Dict[int, Dict[str, Any]] = {}
+        groups = []
+        start = 0
+        for group, group_state in zip(self.param_groups, self.state):
+            count = len(group["params"])
+            for i in range(count):
+                if group_state.get(i):
+                    state[start + i] = _export_state(group_state[i])
+            hyper = {k: _to_python(v) for k, v in group.items() if k != "params"}
+            groups.append({**hyper, "params": list(range(start, start + count))})
+            start += count
+        return {"state": state, "param_groups": groups}
+
+    def detach_state(self) -> None:
+        """Detach every state tensor (momentum, moments...) from the graph, e.g. to truncate
+        backpropagation between unrolls. Detach the fast weights too, with
+        ``fmodel.update_params([p.detach().requires_grad_() for p in fmodel.parameters()])``."""
+        for group_state in self.state:
+            for i, s in group_state.items():
+                group_state[i] = {
+                    k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in s.items()
+                }
+
+    def __repr__(self) -> str:
+        groups = ", ".join(
+            "{" + ", ".join(f"{k}={_to_python(v)!r}" for k, v in g.items() if k != "params") + "}"
+            for g in self.param_groups
+        )
+        return f"{type(self).__name__}([{groups}])"
+
+
+def _check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _check_override(override: Any, groups: List[Dict[str, Any]]) -> _OverrideType:
+    """Validate ``{key: [value] or [value per group]}`` against the optimizer's groups."""
+    if not isinstance(override, dict):
+        raise TypeError(f"override must be a dict of lists, got {type(override).__name__}")
+    for key, values in override.items():
+        if key == "params" or key not in groups[0]:
+            known = sorted(k for k in groups[0] if k != "params")
+            raise KeyError(f"override names {key!r}, which is not a hyperparameter of {known}")
+        if not isinstance(values, (list, tuple)):
+            raise TypeError(
+                f"override[{key!r}] must be a list: [value] for all groups or one value per "
+                f"group, got {type(values).__name__}"
+            )
+        if len(values) not in (1, len(groups)):
+            raise ValueError(
+                f"override[{key!r}] has {len(values)} values; expected 1 or one per parameter "
+                f"group ({len(groups)})"
+            )
+        for value in values:
+            _check_override_value(key, value, groups[0][key])
+    return override
+
+
+def _check_override_value(key: str, value: Any, current: Any) -> None:
+    if isinstance(current, bool) or current is None or isinstance(current, str):
+        if type(value) is not type(current):
+            raise TypeError(f"override[{key!r}] must be a {type(current).__name__}, got {value!r}")
+    elif isinstance(current, (tuple, list)):
+        if not isinstance(value, (tuple, list)) or len(value) != len(current):
+            raise TypeError(
+                f"override[{key!r}] must be a sequence of {len(current)} numbers or tensors, "
+                f"got {value!r}"
+            )
+        for v, c in zip(value, current):
+            _check_override_value(key, v, c)
+    elif isinstance(value, torch.Tensor):
+        if not value.is_floating_point():
+            raise TypeError(f"override[{key!r}] must be a floating-point tensor, got {value.dtype}")
+    elif not _is_number(value):
+        raise TypeError(f"override[{key!r}] must be a number or a tensor, got {value!r}")
+
+
+def _import_state(state: Dict[str, Any], device: Optional[torch.device]) -> Dict[str, Any]:
+    """A detached copy of one parameter's ``torch.optim`` state, with ``step`` as an int."""
+    copied = {}
+    for key, value in state.items():
+        if value is None:
+            continue
+        if key == "step":
+            value = int(value.item()) if isinstance(value, torch.Tensor) else int(value)
+        elif isinstance(value, torch.Tensor):
+            value = value.detach().clone()
+            value = value if device is None else value.to(device)
+        copied[key] = value
+    return copied
+
+
+def _export_state(state: Dict[str, Any]) -> Dict[str, Any]:
+    exported = {}
+    for key, value in state.items():
+        if key == "step":
+            value = torch.tensor(float(value), dtype=torch.float32)
+        elif isinstance(value, torch.Tensor):
+            value = value.detach().clone()
+        else:
+            value = torch.tensor(value)
+        exported[key] = value
+    return exported
+
+
+def _to_python(value: Any) -> Any:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_python(v) for v in value)
+    return value
+
+
+def _optimizer_class(name: str, rule_name: str, torch_name: str) -> Type[DifferentiableOptimizer]:
+    doc = (
+        f"A differentiable ``torch.optim.{torch_name}``: the update of "
+        f"``higher_func._rules.{rule_name}`` on the autograd tape.\n\n"
+        "See ``DifferentiableOptimizer`` for the arguments."
+    )
+    return type(name, (DifferentiableOptimizer,), {"rule": _rules.RULES[rule_name], "__doc__": doc})
+
+
+DifferentiableSGD = _optimizer_class("DifferentiableSGD", "sgd", "SGD")
+DifferentiableAdam = _optimizer_class("DifferentiableAdam", "adam", "Adam")
+DifferentiableAdamW = _optimizer_class("DifferentiableAdamW", "adamw", "AdamW")
+DifferentiableAdadelta = _optimizer_class("DifferentiableAdadelta", "adadelta", "Adadelta")
+DifferentiableAdagrad = _optimizer_class("DifferentiableAdagrad", "adagrad", "Adagrad")
+DifferentiableAdamax = _optimizer_class("DifferentiableAdamax", "adamax", "Adamax")
+DifferentiableASGD = _optimizer_class("DifferentiableASGD", "asgd", "ASGD")
+DifferentiableRMSprop = _optimizer_class("DifferentiableRMSprop", "rmsprop", "RMSprop")
+DifferentiableRprop = _optimizer_class("DifferentiableRprop", "rprop", "Rprop")
+DifferentiableNAdam = _optimizer_class("DifferentiableNAdam", "nadam", "NAdam")
+DifferentiableRAdam = _optimizer_class("DifferentiableRAdam", "radam", "RAdam")
+
+_opt_mapping: Dict[type, Type[DifferentiableOptimizer]] = {
+    torch.optim.SGD: DifferentiableSGD,
+    torch.optim.Adam: DifferentiableAdam,
+    torch.optim.AdamW: DifferentiableAdamW,
+    torch.optim.Adadelta: DifferentiableAdadelta,
+    torch.optim.Adagrad: DifferentiableAdagrad,
+    torch.optim.Adamax: DifferentiableAdamax,
+    torch.optim.ASGD: DifferentiableASGD,
+    torch.optim.RMSprop: DifferentiableRMSprop,
+    torch.optim.Rprop: DifferentiableRprop,
+    torch.optim.NAdam: DifferentiableNAdam,
+    torch.optim.RAdam: DifferentiableRAdam,
+}
+
+
+def _differentiable_type(opt_type: type) -> Type[DifferentiableOptimizer]:
+    try:
+        return _opt_mapping[opt_type]
+    except KeyError:
+        raise ValueError(
+            f"optimizer type {opt_type.__name__} has no differentiable version; register one "
+            f"with higher_func.register_optim({opt_type.__name__}, DifferentiableX), where "
+            "DifferentiableX subclasses higher_func.optim.DifferentiableOptimizer with a `rule`"
+        ) from None
+
+
+def get_diff_optim(
+    opt: torch.optim.Optimizer,
+    reference_params: Iterable[torch.Tensor],
+    fmodel: Optional[_patch._MonkeyPatchBase] = None,
+    device: Optional[torch.device] = None,
+    override: Optional[_OverrideType] = None,
+    track_higher_grads: bool = True,
+    **kwargs: Any,
+) -> DifferentiableOptimizer:
+    """The differentiable version of an existing optimizer, with a copy of its state.
+
+    Args:
+        opt: a ``torch.optim`` optimizer of a supported (or registered) type.
+        reference_params: ``model.parameters()`` of the model ``opt`` optimizes.
+        fmodel, device, override, track_higher_grads, **kwargs: see
+            ``DifferentiableOptimizer`` (``grad_callback=``, ``first_order=`` among kwargs).
+
+    Raises:
+        ValueError: ``opt``'s type is not registered (the message says how to register it).
+    """
+    return _differentiable_type(type(opt))(
+        opt,
+        reference_params,
+        fmodel=fmodel,
+        device=device,
+        override=override,
+        track_higher_grads=track_higher_grads,
+        **kwargs,
+    )
+
+
+def create_diff_optim(
+    opt_type: Type[torch.optim.Optimizer],
+    opt_kwargs: Optional[Dict[str, Any]] = None,
+    params: Optional[Iterable[Any]] = None,
+    fmodel: Optional[_patch._MonkeyPatchBase] = None,
+    device: Optional[torch.device] = None,
+    override: Optional[_OverrideType] = None,
+    track_higher_grads: bool = True,
+    **kwargs: Any,
+) -> DifferentiableOptimizer:
+    """A differentiable optimizer built from scratch, without an existing optimizer.
+
+    Args:
+        opt_type: a supported (or registered) ``torch.optim`` class.
+        opt_kwargs: keyword arguments for ``opt_type`` (``lr=`` ...).
+        params: the fast weights to optimize (only their shapes are used), or parameter
+            groups (dicts with a ``'params'`` list and per-group hyperparameters). Defaults to
+            ``fmodel.parameters()``.
+        fmodel, device, override, track_higher_grads, **kwargs: see ``get_diff_optim``.
+
+    Raises:
+        ValueError: neither ``params`` nor ``fmodel`` is given, or ``opt_type`` is unknown.
+    """
+    diff_type = _differentiable_type(opt_type)
+    if params is not None:
+        params = list(params)
+    elif fmodel is not None:
+        params = list(fmodel.parameters())
+    else:
+        raise ValueError("create_diff_optim needs params= or fmodel=")
+    if params and isinstance(params[0], dict):
+        groups = [
+            {**g, "params": [torch.zeros_like(p, requires_grad=True) for p in g["params"]]}
+            for g in params
+        ]
+        reference = [p for g in groups for p in g["params"]]
+    else:
+        groups = reference = [torch.zeros_like(p, requires_grad=True) for p in params]
+    opt = opt_type(groups, **(opt_kwargs or {}))
+    return diff_type(
+        opt,
+        reference,
+        fmodel=fmodel,
+        device=device,
+        override=override,
+        track_higher_grads=track_higher_grads,
+        **kwargs,
+    )
+
+
+def register_optim(
+    optim_type: Type[torch.optim.Optimizer], diff_optim_type: Type[DifferentiableOptimizer]
+) -> None:
+    """Make ``get_diff_optim``/``innerloop_ctx`` accept optimizers of ``optim_type``.
+
+    Args:
+        optim_type: a ``torch.optim.Optimizer`` subclass.
+        diff_optim_type: a ``DifferentiableOptimizer`` subclass with a ``rule`` (a
+            ``higher_func._rules.UpdateRule``), or higher-style with an ``_update`` method.
+
+    Raises:
+        TypeError: either argument is not such a class.
+    """
+    if not (isinstance(optim_type, type) and issubclass(optim_type, torch.optim.Optimizer)):
+        raise TypeError(f"optim_type must be a torch.optim.Optimizer subclass, got {optim_type!r}")
+    if not (
+        isinstance(diff_optim_type, type) and issubclass(diff_optim_type, DifferentiableOptimizer)
+    ):
+        raise TypeError(
+            f"diff_optim_type must subclass DifferentiableOptimizer, got {diff_optim_type!r}"
+        )
+    _opt_mapping[optim_type] = diff_optim_type
+
+
+def get_trainable_opt_params(
+    opt: torch.optim.Optimizer, device: Optional[torch.device] = None
+) -> _OverrideType:
+    """An ``override`` dict making every numeric hyperparameter of ``opt`` a learnable tensor.
+
+    Only numbers (and tuples of numbers, like ``betas``) become float tensors requiring grad;
+    flags such as ``maximize``, ``nesterov`` or ``capturable`` never do.
+
+    Returns:
+        ``{name: [tensor per group]}``, ready for ``override=``.
+
+    Differs from higher: booleans are not turned into trainable tensors.
+    """
+
+    def learnable(x: Any) -> torch.Tensor:
+        if isinstance(x, torch.Tensor):
+            return x.detach().clone().float().to(device).requires_grad_()
+        return torch.tensor(float(x), device=device, requires_grad=True)
+
+    def is_numeric(x: Any) -> bool:
+        if isinstance(x, (tuple, list)):
+            return len(x) > 0 and all(is_numeric(v) for v in x)
+        return _is_number(x) or (isinstance(x, torch.Tensor) and x.is_floating_point())
+
+    override: _OverrideType = {}
+    for group in opt.param_groups:
+        for key, value in group.items():
+            if key != "params" and is_numeric(value):
+                override.setdefault(key, []).append(_map_leaves(value, learnable))
+    return override
+
+
+def apply_trainable_opt_params(opt: torch.optim.Optimizer, override: _OverrideType) -> None:
+    """Write learned hyperparameters (an ``override`` dict) back into ``opt``'s groups.
+
+    Raises:
+        ValueError/TypeError/KeyError: ``override`` does not fit ``opt``'s groups.
+
+    Differs from higher: a learned value replaces an integer default as a float (higher
+    truncated a learned momentum of 0.9 into ``int`` 0).
+    """
+    for key, values in _check_override(override, opt.param_groups).items():
+        for g, group in enumerate(opt.param_groups):
+            value = values[0] if len(values) == 1 else values[g]
+            group[key] = _write_back(value, group[key])
+
+
+def _map_leaves(value: Any, fn: Callable[[Any], Any]) -> Any:
+    if isinstance(value, (tuple, list)):
+        return type(value)(_map_leaves(v, fn) for v in value)
+    return fn(value)
+
+
+def _write_back(value: Any, target: Any) -> Any:
+    if isinstance(target, (tuple, list)):
+        return type(target)(_write_back(v, t) for v, t in zip(value, target))
+    if isinstance(target, torch.Tensor):
+        with torch.no_grad():
+            target.copy_(value)
+        return target
+    return _to_python(value) if isinstance(value, torch.Tensor) else value
