@@ -42,6 +42,7 @@ def innerloop_ctx(
     override: _Optional[optim._OverrideType] = None,
     track_higher_grads: bool = True,
     first_order: bool = False,
+    num_tasks: _Optional[int] = None,
 ) -> _Iterator[_Tuple[patch._MonkeyPatchBase, optim.DifferentiableOptimizer]]:
     """A patched ``model`` and a differentiable ``opt``, for writing an unrolled inner loop.
 
@@ -60,6 +61,9 @@ def innerloop_ctx(
             (test-time adaptation, constant memory).
         first_order: if True, first-order MAML: inner gradients are constants, the updates
             stay on the tape.
+        num_tasks: if given, ``num_tasks`` inner loops run as one vmapped computation: inputs
+            carry a leading task dim, ``diffopt.step(losses)`` takes one loss per task (shape
+            ``[num_tasks]``), and the meta-gradients of all tasks sum into ``model``.
 
     Yields:
         ``(fmodel, diffopt)``: the patched model, and the optimizer whose ``step(loss)``
@@ -70,12 +74,19 @@ def innerloop_ctx(
         ...     for _ in range(5):
         ...         diffopt.step(F.mse_loss(fmodel(x), y))
         ...     F.mse_loss(fmodel(xq), yq).backward()
+
+    Example (T tasks at once, ``xs: [T, K, ...]``):
+        >>> with innerloop_ctx(model, opt, copy_initial_weights=False, num_tasks=T) as (f, d):
+        ...     for _ in range(5):
+        ...         d.step(torch.vmap(F.mse_loss)(f(xs), ys))
+        ...     torch.vmap(F.mse_loss)(f(xq), yq).mean().backward()
     """
     fmodel = monkeypatch(
         model,
         device,
         copy_initial_weights=copy_initial_weights,
         track_higher_grads=track_higher_grads,
+        num_tasks=num_tasks,
     )
     diffopt = optim.get_diff_optim(
         opt,
@@ -85,5 +96,6 @@ def innerloop_ctx(
         override=override,
         track_higher_grads=track_higher_grads,
         first_order=first_order,
+        num_tasks=num_tasks,
     )
     yield fmodel, diffopt

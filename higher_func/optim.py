@@ -76,6 +76,9 @@ class DifferentiableOptimizer:
         first_order: if True, inner gradients are taken without ``create_graph`` (treated as
             constants), but each update ``w - lr * g`` stays on the tape: meta-gradients are
             the first-order MAML approximation (FOMAML) instead of ``None``.
+        num_tasks: the number of stacked tasks (defaults to ``fmodel.num_tasks``): the fast
+            weights are ``[num_tasks, *shape]``, ``step`` takes one loss per task and the state
+            is per task. A tensor hyperparameter of shape ``[num_tasks]`` is per task.
 
     Raises:
         ValueError: a parameter of ``other`` is not among ``reference_params``, or
@@ -96,10 +99,12 @@ class DifferentiableOptimizer:
         grad_callback: Optional[_GradCallbackType] = None,
         track_higher_grads: bool = True,
         first_order: bool = False,
+        num_tasks: Optional[int] = None,
         **kwargs: Any,
     ) -> None:
         if not isinstance(other, torch.optim.Optimizer):
             raise TypeError(f"expected a torch.optim.Optimizer, got {type(other).__name__}")
+        self.num_tasks = _num_tasks(num_tasks, fmodel)
         reference_params = list(reference_params)
         position = {id(p): i for i, p in enumerate(reference_params)}
         self.param_groups: List[Dict[str, Any]] = []
@@ -121,7 +126,7 @@ class DifferentiableOptimizer:
             self.state.append(collections.defaultdict(dict))
             for i, p in enumerate(group["params"]):
                 if other.state.get(p):
-                    self.state[g][i] = _import_state(other.state[p], device)
+                    self.state[g][i] = _import_state(other.state[p], device, self.num_tasks)
         self._num_params = len(reference_params)
         if override is not None:
             self._apply_override(override)
@@ -192,7 +197,14 @@ class DifferentiableOptimizer:
     def _check_loss(self, loss: torch.Tensor) -> None:
         if not isinstance(loss, torch.Tensor):
             raise TypeError(f"loss must be a tensor, got {type(loss).__name__}")
-        if loss.numel() != 1:
+        if self.num_tasks is not None:
+            if loss.shape != (self.num_tasks,):
+                raise ValueError(
+                    f"a batched step needs one loss per task, shape ({self.num_tasks},); got "
+                    f"shape {tuple(loss.shape)}. Do not average over tasks: a mean would "
+                    "silently shrink every task's step by 1/num_tasks"
+                )
+        elif loss.numel() != 1:
             raise ValueError(
                 f"loss must be a scalar, got shape {tuple(loss.shape)} (reduce it, e.g. .mean())"
             )
@@ -208,8 +220,9 @@ class DifferentiableOptimizer:
             raise ValueError(
                 "loss does not require grad: compute it with the patched module's fast weights"
             )
+        # Tasks are independent: d(sum of task losses)/d(stacked weights) is each task's gradient.
         found = torch.autograd.grad(
-            loss.reshape(()),
+            loss.sum(),
             [params[i] for i in trainable],
             create_graph=self._track_higher_grads and not self._first_order,
             # A weight the loss does not use gets no gradient and, as in torch.optim when
@@ -246,27 +259,41 @@ class DifferentiableOptimizer:
             )
         for group, grads, states in zip(self.param_groups, grouped_grads, self.state):
             hyper = {k: group[k] for k in rule.hyperparameters if k in group}
+            per_task = self.num_tasks is not None and _has_per_task(hyper)
             params = group["params"]
             for i, g in enumerate(grads):
                 if g is not None:
-                    params[i], states[i] = rule.update(params[i], g, states[i], **hyper)
+                    h = _broadcast_per_task(hyper, params[i].dim()) if per_task else hyper
+                    params[i], states[i] = rule.update(params[i], g, states[i], **h)
 
     # -- overrides ---------------------------------------------------------------------------------
     def _apply_override(self, override: _OverrideType) -> None:
-        for key, values in _check_override(override, self.param_groups).items():
+        override = _check_override(override, self.param_groups, self.num_tasks)
+        for key, values in override.items():
             for g, group in enumerate(self.param_groups):
                 group[key] = values[0] if len(values) == 1 else values[g]
 
     # -- state export ------------------------------------------------------------------------------
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self, task: Optional[int] = None) -> Dict[str, Any]:
         """The state in ``torch.optim``'s format, to continue with an ordinary optimizer.
+
+        Args:
+            task: for a batched optimizer, which task's state to export (required then).
 
         Example:
             >>> opt.load_state_dict(diffopt.state_dict())  # opt over model.parameters()
 
         Tensor hyperparameters (learned overrides) are exported as Python floats; state tensors
         are detached copies.
+
+        Raises:
+            ValueError: ``task`` is missing for a batched optimizer, or given for another.
         """
+        if (task is None) != (self.num_tasks is None):
+            raise ValueError(
+                "state_dict(task=t) selects one task of a batched optimizer; it is required "
+                "with num_tasks and meaningless without"
+            )
         state: Dict[int, Dict[str, Any]] = {}
         groups = []
         start = 0
@@ -274,8 +301,12 @@ class DifferentiableOptimizer:
             count = len(group["params"])
             for i in range(count):
                 if group_state.get(i):
-                    state[start + i] = _export_state(group_state[i])
-            hyper = {k: _to_python(v) for k, v in group.items() if k != "params"}
+                    state[start + i] = _export_state(group_state[i], task)
+            hyper = {
+                k: _to_python(v if task is None else _select_task(v, task, self.num_tasks))
+                for k, v in group.items()
+                if k != "params"
+            }
             groups.append({**hyper, "params": list(range(start, start + count))})
             start += count
         return {"state": state, "param_groups": groups}
@@ -308,7 +339,47 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def _check_override(override: Any, groups: List[Dict[str, Any]]) -> _OverrideType:
+def _num_tasks(num_tasks: Optional[int], fmodel: Any) -> Optional[int]:
+    from_model = getattr(fmodel, "num_tasks", None) if fmodel is not None else None
+    if num_tasks is None:
+        return from_model
+    if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
+        raise ValueError(f"num_tasks must be a positive int, got {num_tasks!r}")
+    if fmodel is not None and from_model != num_tasks:
+        raise ValueError(f"num_tasks={num_tasks} but the patched module has {from_model}")
+    return num_tasks
+
+
+def _has_per_task(hyper: Dict[str, Any]) -> bool:
+    return any(
+        isinstance(leaf, torch.Tensor) and leaf.dim() == 1
+        for value in hyper.values()
+        for leaf in (value if isinstance(value, (tuple, list)) else (value,))
+    )
+
+
+def _broadcast_per_task(hyper: Dict[str, Any], ndim: int) -> Dict[str, Any]:
+    """Reshape ``[T]`` hyperparameters to ``[T, 1, ...]`` to broadcast over a weight's dims."""
+
+    def reshape(x: Any) -> Any:
+        if isinstance(x, torch.Tensor) and x.dim() == 1:
+            return x.reshape(-1, *([1] * (ndim - 1)))
+        return x
+
+    return {k: _map_leaves(v, reshape) for k, v in hyper.items()}
+
+
+def _select_task(value: Any, task: int, num_tasks: Optional[int]) -> Any:
+    if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == num_tasks:
+        return value[task]
+    if isinstance(value, (tuple, list)):
+        return type(value)(_select_task(v, task, num_tasks) for v in value)
+    return value
+
+
+def _check_override(
+    override: Any, groups: List[Dict[str, Any]], num_tasks: Optional[int] = None
+) -> _OverrideType:
     """Validate ``{key: [value] or [value per group]}`` against the optimizer's groups."""
     if not isinstance(override, dict):
         raise TypeError(f"override must be a dict of lists, got {type(override).__name__}")
@@ -327,11 +398,11 @@ def _check_override(override: Any, groups: List[Dict[str, Any]]) -> _OverrideTyp
                 f"group ({len(groups)})"
             )
         for value in values:
-            _check_override_value(key, value, groups[0][key])
+            _check_override_value(key, value, groups[0][key], num_tasks)
     return override
 
 
-def _check_override_value(key: str, value: Any, current: Any) -> None:
+def _check_override_value(key: str, value: Any, current: Any, num_tasks: Optional[int]) -> None:
     if isinstance(current, bool) or current is None or isinstance(current, str):
         if type(value) is not type(current):
             raise TypeError(f"override[{key!r}] must be a {type(current).__name__}, got {value!r}")
@@ -342,16 +413,25 @@ def _check_override_value(key: str, value: Any, current: Any) -> None:
                 f"got {value!r}"
             )
         for v, c in zip(value, current):
-            _check_override_value(key, v, c)
+            _check_override_value(key, v, c, num_tasks)
     elif isinstance(value, torch.Tensor):
         if not value.is_floating_point():
             raise TypeError(f"override[{key!r}] must be a floating-point tensor, got {value.dtype}")
+        per_task = num_tasks is not None and value.shape == (num_tasks,)
+        if value.numel() != 1 and not per_task:
+            expected = "one value" + ("" if num_tasks is None else f" or shape ({num_tasks},)")
+            raise ValueError(
+                f"override[{key!r}] has shape {tuple(value.shape)}; expected {expected}"
+            )
     elif not _is_number(value):
         raise TypeError(f"override[{key!r}] must be a number or a tensor, got {value!r}")
 
 
-def _import_state(state: Dict[str, Any], device: Optional[torch.device]) -> Dict[str, Any]:
-    """A detached copy of one parameter's ``torch.optim`` state, with ``step`` as an int."""
+def _import_state(
+    state: Dict[str, Any], device: Optional[torch.device], num_tasks: Optional[int]
+) -> Dict[str, Any]:
+    """A detached copy of one parameter's ``torch.optim`` state, with ``step`` as an int (and
+    every tensor repeated per task when batched)."""
     copied = {}
     for key, value in state.items():
         if value is None:
@@ -359,19 +439,21 @@ def _import_state(state: Dict[str, Any], device: Optional[torch.device]) -> Dict
         if key == "step":
             value = int(value.item()) if isinstance(value, torch.Tensor) else int(value)
         elif isinstance(value, torch.Tensor):
-            value = value.detach().clone()
-            value = value if device is None else value.to(device)
+            value = value.detach()
+            if num_tasks is not None:
+                value = value.expand(num_tasks, *value.shape)
+            value = value.clone() if device is None else value.to(device, copy=True)
         copied[key] = value
     return copied
 
 
-def _export_state(state: Dict[str, Any]) -> Dict[str, Any]:
+def _export_state(state: Dict[str, Any], task: Optional[int]) -> Dict[str, Any]:
     exported = {}
     for key, value in state.items():
         if key == "step":
             value = torch.tensor(float(value), dtype=torch.float32)
         elif isinstance(value, torch.Tensor):
-            value = value.detach().clone()
+            value = (value if task is None else value[task]).detach().clone()
         else:
             value = torch.tensor(value)
         exported[key] = value

@@ -28,6 +28,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 import torch as _torch
 from torch import nn as _nn
 
+from ._batching import TaskBatch as _TaskBatch
 from ._lending import SlotPlan as _SlotPlan
 
 _Params = Union[Sequence[_torch.Tensor], Mapping[str, _torch.Tensor]]
@@ -261,18 +262,32 @@ class _PatchedView(_MonkeyPatchBase):
 class _PatchedModule(_MonkeyPatchBase):
     """The root patched module: owns the fast weights, buffer copies and training flags."""
 
-    def __init__(self, module: _nn.Module) -> None:
+    def __init__(self, module: _nn.Module, num_tasks: Optional[int] = None) -> None:
         self._setup(module, self, "")
         plan = _SlotPlan(module)
         self._plan = plan
+        self._tasks = None if num_tasks is None else _TaskBatch(num_tasks, module)
         self._index = {name: i for i, name in enumerate(plan.param_names)}
         self._buffer_index = {name: i for i, name in enumerate(plan.buffer_names)}
-        self._shapes = [p.shape for p in plan.params]
-        self._buffers_list: List[_torch.Tensor] = [b.detach().clone() for b in plan.buffers]
+        self._shapes = [self._stack_shape(p.shape) for p in plan.params]
+        self._buffers_list: List[_torch.Tensor] = [self.stack(b.detach()) for b in plan.buffers]
         self._modes: List[bool] = [m.training for m in plan.modules]
         self._module_index = {id(m): i for i, m in enumerate(plan.modules)}
         self._fast_params: Optional[List[List[_torch.Tensor]]] = None
         self._track_higher_grads = True
+
+    # -- tasks ---------------------------------------------------------------------------------
+    @property
+    def num_tasks(self) -> Optional[int]:
+        """The number of tasks whose fast weights are stacked (``None``: not batched)."""
+        return None if self._tasks is None else self._tasks.size
+
+    def _stack_shape(self, shape: _torch.Size) -> _torch.Size:
+        return shape if self._tasks is None else _torch.Size((self._tasks.size, *shape))
+
+    def stack(self, tensor: _torch.Tensor) -> _torch.Tensor:
+        """``tensor`` repeated once per task (a real copy), or itself when not batched."""
+        return tensor.clone() if self._tasks is None else self._tasks.stack(tensor)
 
     # -- fast weights --------------------------------------------------------------------------
     @property
@@ -382,9 +397,13 @@ class _PatchedModule(_MonkeyPatchBase):
     ) -> Any:
         if params is not None:
             self.fast_params = params
-        return self._plan.call(
-            fn, self._params_at(None), self._buffers_list, self._modes, args, kwargs
+        current = self._params_at(None)
+        if self._tasks is None:
+            return self._plan.call(fn, current, self._buffers_list, self._modes, args, kwargs)
+        out, self._buffers_list = self._tasks.call(
+            self._plan, fn, current, self._buffers_list, self._modes, args, kwargs
         )
+        return out
 
     def __repr__(self) -> str:
         steps = "no fast weights" if self._fast_params is None else (
@@ -393,13 +412,16 @@ class _PatchedModule(_MonkeyPatchBase):
         return f"MonkeyPatched({self._module!r}) [{steps}]"
 
 
-def make_functional(module: _nn.Module, encapsulator: _EncapsulatorType = None) -> _MonkeyPatchBase:
+def make_functional(
+    module: _nn.Module, encapsulator: _EncapsulatorType = None, num_tasks: Optional[int] = None
+) -> _MonkeyPatchBase:
     """A patched module without fast weights: every call must pass ``params=``.
 
     Args:
         module: the module to wrap; it is never modified.
         encapsulator: optional ``f(fmodule, module)`` run once on the new patched module, e.g.
             to give it initial fast weights with ``fmodule.update_params``.
+        num_tasks: see ``monkeypatch``.
 
     Returns:
         The patched module, holding copies of ``module``'s buffers.
@@ -413,7 +435,7 @@ def make_functional(module: _nn.Module, encapsulator: _EncapsulatorType = None) 
         )
     if not isinstance(module, _nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(module).__name__}")
-    fmodule = _PatchedModule(module)
+    fmodule = _PatchedModule(module, num_tasks)
     if encapsulator is not None:
         encapsulator(fmodule, module)
     return fmodule
@@ -432,7 +454,7 @@ def buffer_sync(
         name = fmodule._prefix + name
         if name not in root._buffer_index:
             raise KeyError(f"buffer {name!r} is not a buffer of the patched module")
-        copy = buffer.detach().clone()
+        copy = root.stack(buffer.detach())
         root._buffers_list[root._buffer_index[name]] = copy if device is None else copy.to(device)
 
 
@@ -441,6 +463,7 @@ def monkeypatch(
     device: Optional[_torch.device] = None,
     copy_initial_weights: bool = True,
     track_higher_grads: bool = True,
+    num_tasks: Optional[int] = None,
 ) -> _MonkeyPatchBase:
     """Wrap ``module`` so that it runs on fast weights that optimizers can update differentiably.
 
@@ -454,26 +477,45 @@ def monkeypatch(
         track_higher_grads: if True, the history of fast weights is kept so that losses can be
             differentiated through the whole unroll; if False only the latest are kept
             ("test mode").
+        num_tasks: if given, run ``num_tasks`` independent copies at once: the fast weights
+            and buffers are stacked ``[num_tasks, *shape]`` and every call is vmapped over the
+            leading dim of its positional inputs (``in_dims=`` on a call marks inputs shared
+            by all tasks, as in ``torch.vmap``). The initial weights are one tensor expanded,
+            so meta-gradients of all tasks sum into ``module``'s parameters. Modules without
+            vmap batching rules (RNN/LSTM/GRU and their cells) run a Python loop over the tasks
+            instead, with a one-time ``BatchingFallbackWarning``.
 
     Returns:
         The patched module (a ``_MonkeyPatchBase``); call it like ``module``, optionally with
         ``params=``.
 
     Raises:
-        ValueError: ``module`` is already patched, or ``track_higher_grads`` is not a bool.
+        ValueError: ``module`` is already patched, ``track_higher_grads`` is not a bool, or
+            ``num_tasks`` is not a positive int.
+
+    Example (batched):
+        >>> fmodel = monkeypatch(model, copy_initial_weights=False, num_tasks=4)
+        >>> fmodel(torch.randn(4, 10, 1)).shape  # one batch of 10 inputs per task
+        torch.Size([4, 10, 1])
     """
 
     def encapsulator(fmodule: _MonkeyPatchBase, module: _nn.Module) -> None:
         if copy_initial_weights:
-            params = [p.detach().clone().requires_grad_(p.requires_grad) for p in module.parameters()]
-        else:
+            params = [
+                fmodule.stack(p.detach()).requires_grad_(p.requires_grad)
+                for p in module.parameters()
+            ]
+        elif num_tasks is None:
             params = [p.clone() for p in module.parameters()]
+        else:
+            # A view, not a copy: the gradient of every task's weights flows back into p.
+            params = [p.expand(num_tasks, *p.shape) for p in module.parameters()]
         if device is not None:
             params = [p.to(device) for p in params]
         buffer_sync(module, fmodule, device)
         fmodule.update_params(params)
 
-    fmodule = make_functional(module, encapsulator=encapsulator)
+    fmodule = make_functional(module, encapsulator=encapsulator, num_tasks=num_tasks)
     fmodule.track_higher_grads = track_higher_grads
     return fmodule
 

@@ -1,0 +1,121 @@
+"""Many tasks' inner loops as one computation over stacked weights.
+
+Tasks are independent, so stacking their fast weights ``[T, *shape]`` and vmapping the
+forward over the leading dim computes every task at once. The gradient of the *sum* of the
+per-task losses with respect to the stacked weights is then exactly each task's own gradient,
+which is why the optimizers need nothing but one loss per task.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from ._lending import SlotPlan
+
+# Modules whose aten ops have no vmap batching rule in current torch: lstm, gru, rnn_tanh and
+# their cells raise "Batching rule not implemented" under torch.vmap.
+_UNBATCHABLE = (nn.RNNBase, nn.RNNCellBase)
+_warned: set = set()
+
+
+class BatchingFallbackWarning(UserWarning):
+    """A batched patched module runs its tasks in a Python loop instead of one vmap."""
+
+
+class TaskBatch:
+    """How a patched module runs ``size`` tasks: vmapped, or looped when vmap cannot."""
+
+    def __init__(self, size: int, module: nn.Module) -> None:
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"num_tasks must be a positive int, got {size!r}")
+        self.size = size
+        unbatchable = sorted(
+            {type(m).__name__ for m in module.modules() if isinstance(m, _UNBATCHABLE)}
+        )
+        self.loop = bool(unbatchable)
+        if self.loop and tuple(unbatchable) not in _warned:
+            _warned.add(tuple(unbatchable))
+            warnings.warn(
+                f"{', '.join(unbatchable)} has no vmap batching rule in torch "
+                f"{torch.__version__}: num_tasks runs the tasks in a Python loop (correct, "
+                "but without the speed of vmap)",
+                BatchingFallbackWarning,
+                stacklevel=4,
+            )
+
+    def stack(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A real copy of ``tensor`` per task (in-place updates must not alias)."""
+        return tensor.expand(self.size, *tensor.shape).clone()
+
+    def in_dims(self, args: tuple, kwargs: dict) -> Tuple[Optional[int], ...]:
+        """Pop the ``in_dims=`` call option and check every mapped input has ``size`` tasks."""
+        in_dims = kwargs.pop("in_dims", 0)
+        if in_dims is None or isinstance(in_dims, int):
+            in_dims = (in_dims,) * len(args)
+        in_dims = tuple(in_dims)
+        if len(in_dims) != len(args):
+            raise ValueError(
+                f"in_dims has {len(in_dims)} entries for {len(args)} positional inputs"
+            )
+        for position, (arg, dim) in enumerate(zip(args, in_dims)):
+            if dim is None:
+                continue
+            for leaf in pytree.tree_leaves(arg):
+                if not isinstance(leaf, torch.Tensor):
+                    continue
+                if leaf.dim() <= dim or leaf.shape[dim] != self.size:
+                    raise ValueError(
+                        f"input {position} has shape {tuple(leaf.shape)}: a batched patched "
+                        f"module expects num_tasks={self.size} along dim {dim} (mark inputs "
+                        "shared by all tasks with in_dims=None for that position)"
+                    )
+        return in_dims
+
+    def call(
+        self,
+        plan: SlotPlan,
+        fn: Callable[..., Any],
+        params: Sequence[torch.Tensor],
+        buffers: List[torch.Tensor],
+        modes: Sequence[bool],
+        args: tuple,
+        kwargs: dict,
+    ) -> Tuple[Any, List[torch.Tensor]]:
+        """Run ``fn`` once per task; returns the stacked outputs and the stacked buffers."""
+        in_dims = self.in_dims(args, kwargs)
+        if self.loop:
+            return self._loop(plan, fn, params, buffers, modes, args, in_dims, kwargs)
+
+        def one_task(params, buffers, *args):
+            buffers = list(buffers)
+            return plan.call(fn, params, buffers, modes, args, kwargs), buffers
+
+        out, buffers = torch.vmap(one_task, in_dims=(0, 0, *in_dims))(params, buffers, *args)
+        return out, list(buffers)
+
+    def _loop(self, plan, fn, params, buffers, modes, args, in_dims, kwargs):
+        def task_slice(x, dim, t):
+            return x.select(dim, t) if isinstance(x, torch.Tensor) else x
+
+        outs, per_task = [], []
+        reassigned = [False] * len(buffers)
+        for t in range(self.size):
+            views = [b[t] for b in buffers]  # in-place updates (BatchNorm) land in the stack
+            own = list(views)
+            task_args = tuple(
+                arg if dim is None else pytree.tree_map(lambda x: task_slice(x, dim, t), arg)
+                for arg, dim in zip(args, in_dims)
+            )
+            outs.append(plan.call(fn, [p[t] for p in params], own, modes, task_args, kwargs))
+            reassigned = [r or o is not v for r, o, v in zip(reassigned, own, views)]
+            per_task.append(own)
+        stacked = [
+            torch.stack([own[i] for own in per_task]) if changed else b
+            for i, (b, changed) in enumerate(zip(buffers, reassigned))
+        ]
+        return pytree.tree_map(lambda *xs: torch.stack(xs), outs[0], *outs[1:]), stacked
