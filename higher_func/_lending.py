@@ -70,15 +70,22 @@ class SlotPlan:
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
+        named_modules = list(module.named_modules())
+        self.module_names = [name for name, _ in named_modules]
+        self.modules = [m for _, m in named_modules]
+        if _is_compiling():
+            # Only names are needed: compiled calls go through functional_call, no slots.
+            self.param_names = [name for name, _ in module.named_parameters()]
+            self.params = [p for _, p in module.named_parameters()]
+            self.buffer_names = [name for name, _ in module.named_buffers()]
+            self.buffers = [b for _, b in module.named_buffers()]
+            return
         self.param_names, self.params, self._param_slots = _resolve_slots(
             module, list(module.named_parameters(remove_duplicate=False)), "_parameters"
         )
         self.buffer_names, self.buffers, self._buffer_slots = _resolve_slots(
             module, list(module.named_buffers(remove_duplicate=False)), "_buffers"
         )
-        named_modules = list(module.named_modules())
-        self.module_names = [name for name, _ in named_modules]
-        self.modules = [m for _, m in named_modules]
         # RNNBase reads its weights from a `_flat_weights` list, not from `_parameters`.
         self._rnns = [m for m in self.modules if hasattr(m, "_flat_weights_names")]
         self._lock = _lock_for(module)

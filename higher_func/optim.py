@@ -22,7 +22,6 @@ tracking higher-order gradients; there is no gradient hook to hide NaNs (the rul
 from __future__ import annotations
 
 import collections
-import copy
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Type
 
 import torch
@@ -120,7 +119,8 @@ class DifferentiableOptimizer:
                         "was built on"
                     )
                 indices.append(position[id(p)])
-            hyper = {k: copy.deepcopy(v) for k, v in group.items() if k != "params"}
+            # A shallow copy suffices: the rules never write into a hyperparameter.
+            hyper = {k: v for k, v in group.items() if k != "params"}
             self.param_groups.append({**hyper, "params": [None] * len(indices)})
             self._group_to_param_list.append(indices)
             self.state.append(collections.defaultdict(dict))

@@ -37,12 +37,15 @@ _EncapsulatorType = Optional[Callable[["_MonkeyPatchBase", _nn.Module], None]]
 __all__ = ["monkeypatch", "make_functional", "buffer_sync"]
 
 
-class _MonkeyPatchBase(_nn.Module):
+class _MonkeyPatchBase:
     """What every patched module and every view of one of its submodules is an instance of.
 
     A patched module reads like the module it wraps: calls, submodules (``fmodel.encoder``),
     custom methods (``fmodel.embed(x)``) and tensor attributes (``fmodel.fc.weight``) all see
     the current fast weights. Other attributes are read from the wrapped module.
+
+    Differs from higher: it is a plain object, not a ``torch.nn.Module`` subclass, so that
+    Dynamo can build one inside a compiled meta-step (``nn.Module.__init__`` cannot be traced).
     """
 
     # The wrapped (sub)module, the root patched module that owns the state, and the dotted
@@ -52,7 +55,6 @@ class _MonkeyPatchBase(_nn.Module):
     _prefix: str
 
     def _setup(self, module: _nn.Module, root: "_PatchedModule", prefix: str) -> None:
-        _nn.Module.__init__(self)
         object.__setattr__(self, "_module", module)
         object.__setattr__(self, "_root", root)
         object.__setattr__(self, "_prefix", prefix)
@@ -219,16 +221,13 @@ class _MonkeyPatchBase(_nn.Module):
         return self.train(False)
 
     @property
-    def training(self) -> bool:  # type: ignore[override]
-        root = self.__dict__.get("_root")
-        if root is None:  # inside nn.Module.__init__
-            return True
+    def training(self) -> bool:
+        root = self._root
         return root._modes[root._module_index[id(self._module)]]
 
     @training.setter
     def training(self, mode: bool) -> None:
-        if "_root" in self.__dict__:  # nn.Module.__init__ sets it before we exist
-            self.train(mode)
+        self.train(mode)
 
     def state_dict(self, *args: Any, prefix: str = "", keep_vars: bool = False, **kwargs: Any):
         """The wrapped module's ``state_dict`` with the fast weights and buffer copies in place
@@ -249,7 +248,7 @@ class _MonkeyPatchBase(_nn.Module):
         return f"{type(self).__name__}({self._module!r})"
 
     def __dir__(self):
-        return sorted(set(super().__dir__()) | set(dir(self._module)))
+        return sorted(set(object.__dir__(self)) | set(dir(self._module)))
 
 
 class _PatchedView(_MonkeyPatchBase):
