@@ -18,11 +18,15 @@ from typing import Tuple as _Tuple
 import torch as _torch
 
 from . import optim, patch, utils
+from ._batching import BatchingFallbackWarning
+from ._compile import compile
 from .optim import create_diff_optim, get_diff_optim, register_optim
 from .patch import monkeypatch
 
 __all__ = [
     "innerloop_ctx",
+    "compile",
+    "BatchingFallbackWarning",
     "monkeypatch",
     "get_diff_optim",
     "create_diff_optim",
