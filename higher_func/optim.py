@@ -161,8 +161,10 @@ class DifferentiableOptimizer:
             ValueError: ``loss`` is not a scalar or does not require grad, or there are no
                 fast weights to update.
         """
+        # Everything is checked before anything changes: a step that raises leaves the
+        # optimizer (overrides included) as it was.
         if override is not None:
-            self._apply_override(override)
+            override = _check_override(override, self.param_groups, self.num_tasks)
         params = self._current_params(params)
         self._check_loss(loss)
         grads = self._gradients(loss, params)
@@ -173,6 +175,8 @@ class DifferentiableOptimizer:
                 raise ValueError(
                     f"grad_callback returned {len(grads)} gradients for {len(params)} parameters"
                 )
+        if override is not None:
+            self._apply_override(override)
         new_params = self._apply_updates(params, grads)
         if self._fmodel is not None:
             self._fmodel.update_params(new_params)
@@ -229,6 +233,11 @@ class DifferentiableOptimizer:
             # p.grad is None, keeps its value and state.
             allow_unused=True,
         )
+        if all(g is None for g in found):
+            raise ValueError(
+                "the loss does not depend on any fast weight: compute it with the patched "
+                "module (fmodel(x)), not the original one"
+            )
         for i, g in zip(trainable, found):
             grads[i] = g
         return grads
@@ -271,7 +280,10 @@ class DifferentiableOptimizer:
         override = _check_override(override, self.param_groups, self.num_tasks)
         for key, values in override.items():
             for g, group in enumerate(self.param_groups):
-                group[key] = values[0] if len(values) == 1 else values[g]
+                value = values[0] if len(values) == 1 else values[g]
+                # A one-element tensor of any shape is one value: as a 0-dim tensor it
+                # broadcasts without changing the shape of the weights it scales.
+                group[key] = _map_leaves(value, _as_scalar_if_single)
 
     # -- state export ------------------------------------------------------------------------------
     def state_dict(self, task: Optional[int] = None) -> Dict[str, Any]:
@@ -348,6 +360,12 @@ def _num_tasks(num_tasks: Optional[int], fmodel: Any) -> Optional[int]:
     if fmodel is not None and from_model != num_tasks:
         raise ValueError(f"num_tasks={num_tasks} but the patched module has {from_model}")
     return num_tasks
+
+
+def _as_scalar_if_single(x: Any) -> Any:
+    if isinstance(x, torch.Tensor) and x.numel() == 1 and x.dim() > 0:
+        return x.reshape(())
+    return x
 
 
 def _has_per_task(hyper: Dict[str, Any]) -> bool:
