@@ -17,10 +17,20 @@ from torch.utils import _pytree as pytree
 
 from ._lending import SlotPlan
 
-# Modules whose aten ops have no vmap batching rule in current torch: lstm, gru, rnn_tanh and
-# their cells raise "Batching rule not implemented" under torch.vmap.
-_UNBATCHABLE = (nn.RNNBase, nn.RNNCellBase)
 _warned: set = set()
+
+
+def _unbatchable(module: nn.Module) -> bool:
+    """Whether ``module``'s forward cannot run under torch.vmap in current torch."""
+    # lstm, gru, rnn_tanh and their cells have no batching rule ("Batching rule not
+    # implemented"); BatchNorm with momentum=None averages with 1 / num_batches_tracked.item().
+    if isinstance(module, (nn.RNNBase, nn.RNNCellBase)):
+        return True
+    return (
+        isinstance(module, nn.modules.batchnorm._BatchNorm)
+        and module.momentum is None
+        and module.track_running_stats
+    )
 
 
 class BatchingFallbackWarning(UserWarning):
@@ -34,9 +44,7 @@ class TaskBatch:
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ValueError(f"num_tasks must be a positive int, got {size!r}")
         self.size = size
-        unbatchable = sorted(
-            {type(m).__name__ for m in module.modules() if isinstance(m, _UNBATCHABLE)}
-        )
+        unbatchable = sorted({type(m).__name__ for m in module.modules() if _unbatchable(m)})
         self.loop = bool(unbatchable)
         if self.loop and tuple(unbatchable) not in _warned:
             _warned.add(tuple(unbatchable))

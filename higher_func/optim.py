@@ -313,7 +313,8 @@ class DifferentiableOptimizer:
             count = len(group["params"])
             for i in range(count):
                 if group_state.get(i):
-                    state[start + i] = _export_state(group_state[i], task)
+                    shape = _unstacked_shape(group["params"][i], self.num_tasks)
+                    state[start + i] = _export_state(group_state[i], task, self.num_tasks, shape)
             hyper = {
                 k: _to_python(v if task is None else _select_task(v, task, self.num_tasks))
                 for k, v in group.items()
@@ -458,20 +459,36 @@ def _import_state(
             value = int(value.item()) if isinstance(value, torch.Tensor) else int(value)
         elif isinstance(value, torch.Tensor):
             value = value.detach()
-            if num_tasks is not None:
+            if num_tasks is not None and value.dim() > 0:
+                # Per-weight state is repeated per task; 0-dim state (ASGD's eta and mu,
+                # NAdam's mu_product) is one value that broadcasts to every task as it is.
                 value = value.expand(num_tasks, *value.shape)
             value = value.clone() if device is None else value.to(device, copy=True)
         copied[key] = value
     return copied
 
 
-def _export_state(state: Dict[str, Any], task: Optional[int]) -> Dict[str, Any]:
+def _unstacked_shape(param: Any, num_tasks: Optional[int]) -> Optional[torch.Size]:
+    if not isinstance(param, torch.Tensor):
+        return None
+    return param.shape if num_tasks is None else param.shape[1:]
+
+
+def _export_state(
+    state: Dict[str, Any],
+    task: Optional[int],
+    num_tasks: Optional[int],
+    param_shape: Optional[torch.Size],
+) -> Dict[str, Any]:
     exported = {}
     for key, value in state.items():
         if key == "step":
             value = torch.tensor(float(value), dtype=torch.float32)
         elif isinstance(value, torch.Tensor):
-            value = (value if task is None else value[task]).detach().clone()
+            value = _select_task(value, task, num_tasks) if task is not None else value
+            if value.shape != param_shape and value.numel() == 1:
+                value = value.reshape(())  # a scalar state broadcast per task, e.g. ASGD's eta
+            value = value.detach().clone()
         else:
             value = torch.tensor(value)
         exported[key] = value

@@ -481,8 +481,9 @@ def monkeypatch(
             leading dim of its positional inputs (``in_dims=`` on a call marks inputs shared
             by all tasks, as in ``torch.vmap``). The initial weights are one tensor expanded,
             so meta-gradients of all tasks sum into ``module``'s parameters. Modules without
-            vmap batching rules (RNN/LSTM/GRU and their cells) run a Python loop over the tasks
-            instead, with a one-time ``BatchingFallbackWarning``.
+            vmap batching rules (RNN/LSTM/GRU and their cells, BatchNorm with
+            ``momentum=None``) run a Python loop over the tasks instead, with a one-time
+            ``BatchingFallbackWarning``.
 
     Returns:
         The patched module (a ``_MonkeyPatchBase``); call it like ``module``, optionally with
