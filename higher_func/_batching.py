@@ -107,18 +107,19 @@ class TaskBatch:
         return out, list(buffers)
 
     def _loop(self, plan, fn, params, buffers, modes, args, in_dims, kwargs):
-        def task_slice(x, dim, t):
-            return x.select(dim, t) if isinstance(x, torch.Tensor) else x
+        def task_slice(arg, dim, t):
+            if dim is None:
+                return arg
+            return pytree.tree_map(
+                lambda x: x.select(dim, t) if isinstance(x, torch.Tensor) else x, arg
+            )
 
         outs, per_task = [], []
         reassigned = [False] * len(buffers)
         for t in range(self.size):
             views = [b[t] for b in buffers]  # in-place updates (BatchNorm) land in the stack
             own = list(views)
-            task_args = tuple(
-                arg if dim is None else pytree.tree_map(lambda x: task_slice(x, dim, t), arg)
-                for arg, dim in zip(args, in_dims)
-            )
+            task_args = tuple(task_slice(arg, dim, t) for arg, dim in zip(args, in_dims))
             outs.append(plan.call(fn, [p[t] for p in params], own, modes, task_args, kwargs))
             reassigned = [r or o is not v for r, o, v in zip(reassigned, own, views)]
             per_task.append(own)

@@ -86,6 +86,9 @@ class _MonkeyPatchBase:
         tensor = root._current_tensor(qualified)
         if tensor is not None:
             return tensor
+        if isinstance(getattr(type(module), name, None), property):
+            # A property (a parametrized weight among them) computes from the weights.
+            return root._run(lambda: getattr(module, name), None, (), {})
         attr = getattr(module, name)
         if isinstance(attr, _nn.Module):
             return self._view(name, attr)
@@ -405,8 +408,10 @@ class _PatchedModule(_MonkeyPatchBase):
         return out
 
     def __repr__(self) -> str:
-        steps = "no fast weights" if self._fast_params is None else (
-            f"{len(self._fast_params)} fast weight step(s) kept"
+        steps = (
+            "no fast weights"
+            if self._fast_params is None
+            else (f"{len(self._fast_params)} fast weight step(s) kept")
         )
         return f"MonkeyPatched({self._module!r}) [{steps}]"
 

@@ -113,16 +113,19 @@ class LearnableScale(nn.Module):
 
 
 class EncoderWithEmbed(nn.Module):
-    """A submodule ``encoder``, a custom method ``embed``, a root parameter and a plain attribute."""
+    """A submodule ``encoder``, a custom method ``embed``, a property, a root parameter, and a
+    plain attribute."""
 
     def __init__(self) -> None:
         super().__init__()
         self.hidden_size = 6
-        self.encoder = nn.Sequential(
-            OrderedDict(fc=nn.Linear(4, self.hidden_size), act=nn.Tanh())
-        )
+        self.encoder = nn.Sequential(OrderedDict(fc=nn.Linear(4, self.hidden_size), act=nn.Tanh()))
         self.scale = nn.Parameter(torch.randn(self.hidden_size))
         self.head = nn.Linear(self.hidden_size, 2)
+
+    @property
+    def scaled_encoder_weight(self) -> torch.Tensor:
+        return self.encoder.fc.weight * self.scale[:, None]
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(x) * self.scale

@@ -1,0 +1,142 @@
+"""Compiled meta-steps (``higher_func.compile``) against eager: same meta-gradients, one graph."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._dynamo.utils import counters
+
+import higher_func
+
+TASKS, SHOTS, STEPS = 3, 4, 2
+
+
+def make_model(batch_norm: bool) -> torch.nn.Module:
+    # float64: BatchNorm over 4 samples amplifies float32 rounding differences between
+    # Inductor's kernels and eager ones beyond the 1e-5 we hold compiled results to.
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(1, 8)]
+    if batch_norm:
+        layers.append(torch.nn.BatchNorm1d(8))
+    layers += [torch.nn.ReLU(), torch.nn.Linear(8, 1)]
+    return torch.nn.Sequential(*layers).double()
+
+
+def make_meta_loss(model, opt, batched: bool):
+    """The issue's program: an inner loop inside, the query loss out."""
+    if batched:
+
+        def meta_loss(xs, ys, xq, yq):
+            with higher_func.innerloop_ctx(
+                model, opt, copy_initial_weights=False, num_tasks=TASKS
+            ) as (fmodel, diffopt):
+                for _ in range(STEPS):
+                    diffopt.step(torch.vmap(F.mse_loss)(fmodel(xs), ys))
+                return torch.vmap(F.mse_loss)(fmodel(xq), yq).mean()
+
+    else:
+
+        def meta_loss(xs, ys, xq, yq):
+            total = 0.0
+            for t in range(TASKS):
+                with higher_func.innerloop_ctx(model, opt, copy_initial_weights=False) as (
+                    fmodel,
+                    diffopt,
+                ):
+                    for _ in range(STEPS):
+                        diffopt.step(F.mse_loss(fmodel(xs[t]), ys[t]))
+                    total = total + F.mse_loss(fmodel(xq[t]), yq[t])
+            return total / TASKS
+
+    return meta_loss
+
+
+def sample(seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        torch.randn(TASKS, SHOTS, 1, generator=generator, dtype=torch.float64) for _ in range(4)
+    ]
+
+
+def meta_gradients(fn, model, data):
+    return torch.autograd.grad(fn(*data), list(model.parameters()))
+
+
+CASES = [
+    pytest.param(
+        opt, batched, bn, id=f"{opt}-{'batched' if batched else 'loop'}-{'bn' if bn else 'mlp'}"
+    )
+    for opt in ("SGD", "Adam")
+    for batched in (True, False)
+    for bn in (False, True)
+]
+# The fast pair covers both optimizers, both paths and BatchNorm; the rest run in nox.
+FAST = {"SGD-loop-mlp", "Adam-batched-bn"}
+CASES = [
+    case if case.id in FAST else pytest.param(*case.values, id=case.id, marks=pytest.mark.slow)
+    for case in CASES
+]
+
+
+@pytest.mark.parametrize("opt_name, batched, batch_norm", CASES)
+def test_compiled_meta_gradients_equal_eager(opt_name, batched, batch_norm):
+    torch._dynamo.reset()
+    model = make_model(batch_norm)
+    opt = getattr(torch.optim, opt_name)(model.parameters(), lr=0.05)
+    meta_loss = make_meta_loss(model, opt, batched)
+    compiled = higher_func.compile(meta_loss)
+    data = sample(0)
+    eager = meta_gradients(meta_loss, model, data)
+    got = meta_gradients(compiled, model, data)
+    for e, g in zip(eager, got):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+    assert dict(counters["graph_break"]) == {}
+
+
+def test_new_data_of_the_same_shapes_does_not_recompile():
+    torch._dynamo.reset()
+    counters.clear()
+    model = make_model(batch_norm=False)
+    inner = torch.optim.SGD(model.parameters(), lr=0.05)
+    outer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    compiled = higher_func.compile(make_meta_loss(model, inner, batched=True))
+    for step in range(20):
+        outer.zero_grad()
+        compiled(*sample(step)).backward()
+        outer.step()
+    assert counters["stats"]["unique_graphs"] == 1
+    assert dict(counters["graph_break"]) == {}
+
+
+def test_autograd_tracing_is_switched_on_only_inside_the_compiled_function():
+    seen = []
+
+    def probe(x):
+        seen.append(torch._dynamo.config.trace_autograd_ops)
+        return x * 2
+
+    before = torch._dynamo.config.trace_autograd_ops
+    torch._dynamo.reset()
+    higher_func.compile(probe, backend="eager")(torch.ones(2))
+    assert seen == [True]
+    assert torch._dynamo.config.trace_autograd_ops == before
+
+
+def test_decorator_factory_passes_options():
+    torch._dynamo.reset()
+
+    @higher_func.compile(backend="eager")
+    def double(x):
+        return 2 * x
+
+    assert torch.equal(double(torch.ones(3)), torch.full((3,), 2.0))
+
+
+def test_fullgraph_false_is_refused():
+    with pytest.raises(ValueError, match="fullgraph=True"):
+        higher_func.compile(lambda x: x, fullgraph=False)
+
+
+def test_too_old_torch_names_the_minimum_version(monkeypatch):
+    monkeypatch.setattr(higher_func._compile, "_OPTION", "an_option_this_torch_lacks")
+    with pytest.raises(RuntimeError, match=r"torch >= 2\.11"):
+        higher_func.compile(lambda x: x)
