@@ -175,11 +175,24 @@ class DifferentiableOptimizer:
                 raise ValueError(
                     f"grad_callback returned {len(grads)} gradients for {len(params)} parameters"
                 )
-        if override is not None:
-            self._apply_override(override)
-        new_params = self._apply_updates(params, grads)
-        if self._fmodel is not None:
-            self._fmodel.update_params(new_params)
+        # The update itself is a transaction too: if a rule or the patched module raises
+        # (an override of the wrong type, KeyboardInterrupt...), groups and state roll back.
+        saved_groups = [dict(group) for group in self.param_groups]
+        saved_state = [{i: dict(s) for i, s in states.items()} for states in self.state]
+        try:
+            if override is not None:
+                self._apply_override(override)
+            new_params = self._apply_updates(params, grads)
+            if self._fmodel is not None:
+                self._fmodel.update_params(new_params)
+        except BaseException:
+            for group, saved in zip(self.param_groups, saved_groups):
+                group.clear()
+                group.update(saved)
+            for states, saved in zip(self.state, saved_state):
+                states.clear()
+                states.update(saved)
+            raise
         return new_params
 
     def _current_params(self, params: Optional[Iterable[torch.Tensor]]) -> List[torch.Tensor]:
