@@ -306,6 +306,31 @@ def sgd(
     return _axpy(param, grad, -lr), new_state
 
 
+def _adam_moments(
+    param: Tensor,
+    grad: Tensor,
+    state: State,
+    lr: Scalar,
+    betas: tuple[Scalar, Scalar],
+    weight_decay: Scalar,
+    decoupled_weight_decay: bool,
+    maximize: bool,
+) -> tuple[Tensor, int, State]:
+    """The part Adam and RAdam share: weight decay, then both running moments.
+
+    Returns:
+        ``(param, step, new_state)``: the (decayed, if decoupled) parameter, the 1-based step
+        and the state with ``step``, ``exp_avg`` and ``exp_avg_sq`` updated.
+    """
+    beta1, beta2 = betas
+    step = _next_step(state)
+    grad = _signed(grad, maximize)
+    param, grad = _apply_weight_decay(param, grad, lr, weight_decay, decoupled_weight_decay)
+    exp_avg = _lerp(_zeros_like(state, "exp_avg", param), grad, 1 - beta1)
+    exp_avg_sq = _ema_of_square(_zeros_like(state, "exp_avg_sq", param), grad, beta2)
+    return param, step, {**state, "step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+
+
 def adam(
     param: Tensor,
     grad: Tensor,
@@ -348,13 +373,10 @@ def adam(
     gradients with hooks.
     """
     beta1, beta2 = betas
-    step = _next_step(state)
-    grad = _signed(grad, maximize)
-    param, grad = _apply_weight_decay(param, grad, lr, weight_decay, decoupled_weight_decay)
-
-    exp_avg = _lerp(_zeros_like(state, "exp_avg", param), grad, 1 - beta1)
-    exp_avg_sq = _ema_of_square(_zeros_like(state, "exp_avg_sq", param), grad, beta2)
-    new_state = {**state, "step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+    param, step, new_state = _adam_moments(
+        param, grad, state, lr, betas, weight_decay, decoupled_weight_decay, maximize
+    )
+    exp_avg, exp_avg_sq = new_state["exp_avg"], new_state["exp_avg_sq"]
     second_moment = exp_avg_sq
     if amsgrad:
         second_moment = torch.maximum(_zeros_like(state, "max_exp_avg_sq", param), exp_avg_sq)
@@ -842,13 +864,10 @@ def radam(
     Differs from higher: higher 0.2.1 has no differentiable RAdam.
     """
     beta1, beta2 = betas
-    step = _next_step(state)
-    grad = _signed(grad, maximize)
-    param, grad = _apply_weight_decay(param, grad, lr, weight_decay, decoupled_weight_decay)
-
-    exp_avg = _lerp(_zeros_like(state, "exp_avg", param), grad, 1 - beta1)
-    exp_avg_sq = _ema_of_square(_zeros_like(state, "exp_avg_sq", param), grad, beta2)
-    new_state = {**state, "step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+    param, step, new_state = _adam_moments(
+        param, grad, state, lr, betas, weight_decay, decoupled_weight_decay, maximize
+    )
+    exp_avg, exp_avg_sq = new_state["exp_avg"], new_state["exp_avg_sq"]
 
     bias_correction1 = 1 - _power(beta1, step)
     bias_correction2 = 1 - _power(beta2, step)
