@@ -101,6 +101,7 @@ class DifferentiableOptimizer:
         num_tasks: Optional[int] = None,
         **kwargs: Any,
     ) -> None:
+        _no_unknown_options("DifferentiableOptimizer()", kwargs)
         if not isinstance(other, torch.optim.Optimizer):
             raise TypeError(f"expected a torch.optim.Optimizer, got {type(other).__name__}")
         self.num_tasks = _num_tasks(num_tasks, fmodel)
@@ -163,6 +164,7 @@ class DifferentiableOptimizer:
         """
         # Everything is checked before anything changes: a step that raises leaves the
         # optimizer (overrides included) as it was.
+        _no_unknown_options("step()", kwargs)
         if override is not None:
             override = _check_override(override, self.param_groups, self.num_tasks)
         params = self._current_params(params)
@@ -353,6 +355,12 @@ class DifferentiableOptimizer:
             for g in self.param_groups
         )
         return f"{type(self).__name__}([{groups}])"
+
+
+def _no_unknown_options(where: str, kwargs: Dict[str, Any]) -> None:
+    # higher swallowed unknown keywords; a misspelt option (first_ordr=True) should not be.
+    if kwargs:
+        raise TypeError(f"{where} got unexpected keyword arguments {sorted(kwargs)}")
 
 
 def _check_bool(name: str, value: Any) -> bool:

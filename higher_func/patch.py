@@ -80,7 +80,7 @@ class _MonkeyPatchBase:
         # Only reached when normal lookup fails, i.e. for the wrapped module's own names.
         root = self.__dict__.get("_root")
         if name.startswith("__") or root is None or "_index" not in root.__dict__:
-            raise AttributeError(name)  # still being constructed
+            raise AttributeError(name)  # a dunder, or a lookup while still being constructed
         module = self.__dict__["_module"]
         qualified = self._prefix + name
         tensor = root._current_tensor(qualified)

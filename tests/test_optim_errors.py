@@ -253,3 +253,14 @@ def test_first_order_must_be_a_bool():
 def test_create_diff_optim_needs_params_or_fmodel():
     with pytest.raises(ValueError, match="create_diff_optim needs params= or fmodel="):
         create_diff_optim(torch.optim.SGD, {"lr": 0.1})
+
+
+def test_misspelt_options_are_refused():
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    fmodel = higher_func.monkeypatch(model)
+    with pytest.raises(TypeError, match="first_ordr"):
+        higher_func.get_diff_optim(opt, model.parameters(), fmodel=fmodel, first_ordr=True)
+    diffopt = higher_func.get_diff_optim(opt, model.parameters(), fmodel=fmodel)
+    with pytest.raises(TypeError, match="overide"):
+        diffopt.step(_loss(fmodel), overide={"lr": [0.5]})
