@@ -301,7 +301,7 @@ class _PatchedModule(_MonkeyPatchBase):
     def fast_params(self, value: _Params) -> None:
         value = self._as_param_list(value)
         if self._fast_params is None or not self._track_higher_grads:
-            self._fast_params = [value]
+            self.__dict__["_fast_params"] = [value]  # skips __setattr__'s name lookup
         else:
             self._fast_params.append(value)
 
@@ -402,9 +402,10 @@ class _PatchedModule(_MonkeyPatchBase):
         current = self._params_at(None)
         if self._tasks is None:
             return self._plan.call(fn, current, self._buffers_list, self._modes, args, kwargs)
-        out, self._buffers_list = self._tasks.call(
+        out, buffers = self._tasks.call(
             self._plan, fn, current, self._buffers_list, self._modes, args, kwargs
         )
+        self.__dict__["_buffers_list"] = buffers
         return out
 
     def __repr__(self) -> str:
