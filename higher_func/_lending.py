@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import torch
 from torch import nn
+from torch.nn.utils.stateless import _reparametrize_module
 
 _is_compiling: Callable[[], bool] = getattr(torch.compiler, "is_compiling", lambda: False)
 
@@ -145,21 +146,7 @@ class SlotPlan:
             )
         tensors = dict(zip(self.param_names, params))
         tensors.update(zip(self.buffer_names, buffers))
-        if fn is self.module:
-            return torch.func.functional_call(self.module, tensors, args, kwargs)
-        # A submodule or a method: lend through the root, then call `fn` inside.
-        return torch.func.functional_call(
-            _CallInside(self.module, fn), {"root." + k: v for k, v in tensors.items()}, args, kwargs
-        )
-
-
-class _CallInside(nn.Module):
-    """A wrapper making ``fn`` the forward of a module that owns ``root``'s tensors."""
-
-    def __init__(self, root: nn.Module, fn: Callable[..., Any]) -> None:
-        super().__init__()
-        self.root = root
-        self._fn = fn
-
-    def forward(self, *args, **kwargs):
-        return self._fn(*args, **kwargs)
+        # What torch.func.functional_call does inside, usable for any `fn` (a submodule or a
+        # method of the module, not only its forward); Dynamo traces it natively.
+        with _reparametrize_module(self.module, tensors, tie_weights=True):
+            return fn(*args, **kwargs)

@@ -21,6 +21,7 @@ listed by ``fmodel.children()``; ``make_functional`` copies the buffers at once,
 
 from __future__ import annotations
 
+import inspect as _inspect
 import typing as _typing
 import warnings as _warnings
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
@@ -86,22 +87,24 @@ class _MonkeyPatchBase:
         tensor = root._current_tensor(qualified)
         if tensor is not None:
             return tensor
-        if isinstance(getattr(type(module), name, None), property):
+        class_attr = getattr(type(module), name, None)
+        if isinstance(class_attr, property):
             # A property (a parametrized weight among them) computes from the weights.
             return root._run(lambda: getattr(module, name), None, (), {})
+        if isinstance(module, _nn.ModuleDict) and name in ("keys", "items", "values"):
+            return getattr(dict(self.named_children()), name)
+        if _inspect.isfunction(class_attr) and name not in module.__dict__:
+            # A method of the module's class. Decided from the class, not by comparing the
+            # bound method's __self__, which Dynamo does not preserve while tracing.
+            def on_fast_weights(*args: Any, **kwargs: Any) -> Any:
+                return root._run(getattr(module, name), None, args, kwargs)
+
+            on_fast_weights.__name__ = name
+            on_fast_weights.__doc__ = class_attr.__doc__
+            return on_fast_weights
         attr = getattr(module, name)
         if isinstance(attr, _nn.Module):
             return self._view(name, attr)
-        if isinstance(module, _nn.ModuleDict) and name in ("keys", "items", "values"):
-            return getattr(dict(self.named_children()), name)
-        if callable(attr) and getattr(attr, "__self__", None) is module:
-
-            def on_fast_weights(*args: Any, **kwargs: Any) -> Any:
-                return root._run(attr, None, args, kwargs)
-
-            on_fast_weights.__name__ = name
-            on_fast_weights.__doc__ = attr.__doc__
-            return on_fast_weights
         return attr
 
     def _view(self, name: str, submodule: _nn.Module) -> "_PatchedView":

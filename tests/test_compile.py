@@ -140,3 +140,44 @@ def test_too_old_torch_names_the_minimum_version(monkeypatch):
     monkeypatch.setattr(higher_func._compile, "_OPTION", "an_option_this_torch_lacks")
     with pytest.raises(RuntimeError, match=r"torch >= 2\.11"):
         higher_func.compile(lambda x: x)
+
+
+class _Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+        self.head = torch.nn.Linear(4, 2)
+
+    def embed(self, x):
+        return self.encoder(x)
+
+    @property
+    def scaled_head_weight(self):
+        return 3 * self.head.weight
+
+    def forward(self, x):
+        return self.head(self.embed(x))
+
+
+def test_submodules_methods_and_properties_use_fast_weights_when_compiled():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    net, x = _Net(), torch.randn(5, 3)
+
+    def reads(x):
+        fmodel = higher_func.monkeypatch(net, copy_initial_weights=False)
+        fmodel.update_params([2 * p for p in fmodel.parameters()])
+        return (
+            fmodel(x),
+            fmodel.embed(x),
+            fmodel.encoder(x),
+            fmodel.encoder[0](x),
+            fmodel.head.weight,
+            fmodel.scaled_head_weight,
+        )
+
+    eager = reads(x)
+    compiled = higher_func.compile(reads, backend="aot_eager")(x)
+    for e, c in zip(eager, compiled):
+        torch.testing.assert_close(c, e)
+    assert torch.equal(eager[4], 2 * net.head.weight)
