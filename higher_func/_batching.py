@@ -60,11 +60,15 @@ class TaskBatch:
         """A real copy of ``tensor`` per task (in-place updates must not alias)."""
         return tensor.expand(self.size, *tensor.shape).clone()
 
-    def in_dims(self, args: tuple, kwargs: dict) -> Tuple[Optional[int], ...]:
-        """Pop the ``in_dims=`` call option and check every mapped input has ``size`` tasks."""
+    def in_dims(self, args: tuple, kwargs: dict, device: torch.device) -> Tuple[Optional[int], ...]:
+        """Pop the ``in_dims=`` call option and check every mapped input has ``size`` tasks
+        and lives on the weights' ``device`` (vmap over mixed devices can silently return
+        garbage)."""
         in_dims = kwargs.pop("in_dims", 0)
         if in_dims is None or isinstance(in_dims, int):
             in_dims = (in_dims,) * len(args)
+        if not isinstance(in_dims, (tuple, list)):
+            raise TypeError(f"in_dims must be an int, None or a tuple of them, got {in_dims!r}")
         in_dims = tuple(in_dims)
         if len(in_dims) != len(args):
             raise ValueError(
@@ -73,14 +77,20 @@ class TaskBatch:
         for position, (arg, dim) in enumerate(zip(args, in_dims)):
             if dim is None:
                 continue
+            if isinstance(dim, bool) or not isinstance(dim, int):
+                raise TypeError(f"in_dims[{position}] must be an int or None, got {dim!r}")
             for leaf in pytree.tree_leaves(arg):
                 if not isinstance(leaf, torch.Tensor):
                     continue
-                if leaf.dim() <= dim or leaf.shape[dim] != self.size:
+                if not -leaf.dim() <= dim < leaf.dim() or leaf.shape[dim] != self.size:
                     raise ValueError(
                         f"input {position} has shape {tuple(leaf.shape)}: a batched patched "
                         f"module expects num_tasks={self.size} along dim {dim} (mark inputs "
                         "shared by all tasks with in_dims=None for that position)"
+                    )
+                if device is not None and leaf.device.type != device.type:
+                    raise ValueError(
+                        f"input {position} is on {leaf.device} but the fast weights are on {device}"
                     )
         return in_dims
 
@@ -95,8 +105,19 @@ class TaskBatch:
         kwargs: dict,
     ) -> Tuple[Any, List[torch.Tensor]]:
         """Run ``fn`` once per task; returns the stacked outputs and the stacked buffers."""
-        in_dims = self.in_dims(args, kwargs)
-        if self.loop:
+        device = next((t.device for t in (*params, *buffers)), None)
+        in_dims = self.in_dims(args, kwargs, device)
+        # vmap drops autocast for some ops (F.linear with a bias in torch 2.13): loop instead.
+        autocast = device is not None and torch.is_autocast_enabled(device.type)
+        if autocast and ("autocast",) not in _warned:
+            _warned.add(("autocast",))
+            warnings.warn(
+                "torch.autocast does not reach every op under torch.vmap: with autocast on, "
+                "num_tasks runs the tasks in a Python loop",
+                BatchingFallbackWarning,
+                stacklevel=5,
+            )
+        if self.loop or autocast:
             return self._loop(plan, fn, params, buffers, modes, args, in_dims, kwargs)
 
         def one_task(params, buffers, *args):

@@ -11,9 +11,10 @@ traces natively (it cannot trace a lock or writes into a module's private dictio
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import weakref
-from typing import Any, Callable, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -21,8 +22,10 @@ from torch.nn.utils.stateless import _reparametrize_module
 
 _is_compiling: Callable[[], bool] = getattr(torch.compiler, "is_compiling", lambda: False)
 
-# One lock per lent module: two threads lending their own weights into the same module would
-# otherwise see each other's tensors (functional_call has exactly this race).
+# One lock per module whose slots are lent: two threads lending their own weights into the same
+# module would otherwise see each other's tensors (functional_call has exactly this race). A
+# call takes the locks of every submodule it lends into, so a patched model and a patched
+# submodule of it (or two models sharing an encoder) exclude each other too.
 _LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
 _LOCKS_GUARD = threading.Lock()
 
@@ -81,15 +84,28 @@ class SlotPlan:
             self.buffer_names = [name for name, _ in module.named_buffers()]
             self.buffers = [b for _, b in module.named_buffers()]
             return
-        self.param_names, self.params, self._param_slots = _resolve_slots(
-            module, list(module.named_parameters(remove_duplicate=False)), "_parameters"
-        )
-        self.buffer_names, self.buffers, self._buffer_slots = _resolve_slots(
-            module, list(module.named_buffers(remove_duplicate=False)), "_buffers"
-        )
+        # Sorted by id: every call acquires in the same order, so no two calls can deadlock.
+        self._locks = sorted((_lock_for(m) for m in self.modules), key=id)
+        with self.locked():  # the module's own tensors, not ones another thread lent it
+            self.param_names, self.params, self._param_slots = _resolve_slots(
+                module, list(module.named_parameters(remove_duplicate=False)), "_parameters"
+            )
+            self.buffer_names, self.buffers, self._buffer_slots = _resolve_slots(
+                module, list(module.named_buffers(remove_duplicate=False)), "_buffers"
+            )
         # RNNBase reads its weights from a `_flat_weights` list, not from `_parameters`.
         self._rnns = [m for m in self.modules if hasattr(m, "_flat_weights_names")]
-        self._lock = _lock_for(module)
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold every lock of the module's slots: no thread lends into them meanwhile."""
+        if _is_compiling():
+            yield
+            return
+        with contextlib.ExitStack() as stack:
+            for lock in self._locks:
+                stack.enter_context(lock)
+            yield
 
     def call(
         self,
@@ -108,7 +124,9 @@ class SlotPlan:
         """
         if _is_compiling():
             return self._functional_call(fn, params, buffers, modes, args, kwargs)
-        with self._lock:
+        for lock in self._locks:
+            lock.acquire()
+        try:
             param_slots, buffer_slots = self._param_slots, self._buffer_slots
             saved_params = [owner[key] for owner, key, _ in param_slots]
             saved_buffers = [owner[key] for owner, key, _ in buffer_slots]
@@ -137,6 +155,9 @@ class SlotPlan:
                     m.__dict__["training"] = not m.training
                 for rnn, flat in zip(self._rnns, saved_flat):
                     rnn._flat_weights = flat
+        finally:
+            for lock in reversed(self._locks):
+                lock.release()
 
     def _functional_call(self, fn, params, buffers, modes, args, kwargs):
         if any(m.training is not mode for m, mode in zip(self.modules, modes)):

@@ -22,6 +22,7 @@ tracking higher-order gradients; there is no gradient hook to hide NaNs (the rul
 from __future__ import annotations
 
 import collections
+import math
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Type
 
 import torch
@@ -129,6 +130,7 @@ class DifferentiableOptimizer:
                 if other.state.get(p):
                     self.state[g][i] = _import_state(other.state[p], device, self.num_tasks)
         self._num_params = len(reference_params)
+        self._shapes = [p.shape for p in reference_params]
         if override is not None:
             self._apply_override(override)
         self._grad_callback = grad_callback
@@ -172,11 +174,7 @@ class DifferentiableOptimizer:
         grads = self._gradients(loss, params)
         callback = grad_callback if grad_callback is not None else self._grad_callback
         if callback is not None:
-            grads = list(callback(grads))
-            if len(grads) != len(params):
-                raise ValueError(
-                    f"grad_callback returned {len(grads)} gradients for {len(params)} parameters"
-                )
+            grads = _checked_gradients(callback(grads), params, self._label)
         # The update itself is a transaction too: if a rule or the patched module raises
         # (an override of the wrong type, KeyboardInterrupt...), groups and state roll back.
         saved_groups = [dict(group) for group in self.param_groups]
@@ -205,13 +203,31 @@ class DifferentiableOptimizer:
                     "weights (pass fmodel= when creating it, or params= to step)"
                 )
             params = self._fmodel.fast_params
+        if isinstance(params, (dict, torch.Tensor)):
+            raise TypeError(
+                "step(params=...) takes a list of tensors in reference_params order, got a "
+                f"{type(params).__name__}"
+            )
         params = list(params)
         if len(params) != self._num_params:
             raise ValueError(
                 f"step() got {len(params)} parameters, expected {self._num_params} "
                 "(one per reference parameter)"
             )
+        for i, (p, shape) in enumerate(zip(params, self._shapes)):
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"{self._label(i)} must be a tensor, got {type(p).__name__}")
+            stacked = shape if self.num_tasks is None else (self.num_tasks, *shape)
+            if p.shape != stacked:
+                raise ValueError(
+                    f"{self._label(i)} has shape {tuple(p.shape)}, expected {tuple(stacked)}"
+                )
         return params
+
+    def _label(self, i: int) -> str:
+        """How errors name the i-th weight: by its module name when a patched module is known."""
+        names = getattr(getattr(self._fmodel, "_plan", None), "param_names", None)
+        return f"parameter {names[i]!r}" if names else f"parameter {i}"
 
     def _check_loss(self, loss: torch.Tensor) -> None:
         if not isinstance(loss, torch.Tensor):
@@ -272,6 +288,9 @@ class DifferentiableOptimizer:
         if not self._track_higher_grads:
             new_params = [p.detach().requires_grad_(p.requires_grad) for p in new_params]
             self.detach_state()
+            # group["params"] must not keep the undetached results (and the step before) alive.
+            for group, mapping in zip(self.param_groups, self._group_to_param_list):
+                group["params"] = [new_params[i] for i in mapping]
         return new_params
 
     def _update(self, grouped_grads: _GroupedGradsType, **kwargs: Any) -> None:
@@ -349,6 +368,12 @@ class DifferentiableOptimizer:
                     k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in s.items()
                 }
 
+    def __deepcopy__(self, memo: dict) -> Any:
+        raise TypeError(
+            "deepcopy of a differentiable optimizer is not supported (its state is part of an "
+            "autograd graph); export it with diffopt.state_dict() into a torch.optim optimizer"
+        )
+
     def __repr__(self) -> str:
         groups = ", ".join(
             "{" + ", ".join(f"{k}={_to_python(v)!r}" for k, v in g.items() if k != "params") + "}"
@@ -361,6 +386,31 @@ def _no_unknown_options(where: str, kwargs: Dict[str, Any]) -> None:
     # higher swallowed unknown keywords; a misspelt option (first_ordr=True) should not be.
     if kwargs:
         raise TypeError(f"{where} got unexpected keyword arguments {sorted(kwargs)}")
+
+
+def _checked_gradients(
+    grads: Any, params: Sequence[torch.Tensor], label: Callable[[int], str]
+) -> List[Optional[torch.Tensor]]:
+    """What a grad_callback returned: one gradient (or None) per parameter, shaped like it."""
+    grads = list(grads)
+    if len(grads) != len(params):
+        raise ValueError(
+            f"grad_callback returned {len(grads)} gradients for {len(params)} parameters"
+        )
+    for i, (g, p) in enumerate(zip(grads, params)):
+        if g is None:
+            continue
+        if not isinstance(g, torch.Tensor):
+            raise TypeError(
+                f"grad_callback returned a {type(g).__name__} for {label(i)}; "
+                "expected a tensor or None"
+            )
+        if g.shape != p.shape or g.dtype != p.dtype:
+            raise ValueError(
+                f"grad_callback returned a gradient of shape {tuple(g.shape)} and {g.dtype} for "
+                f"{label(i)}, which has shape {tuple(p.shape)} and {p.dtype}"
+            )
+    return grads
 
 
 def _check_bool(name: str, value: Any) -> bool:
@@ -465,6 +515,8 @@ def _check_override_value(key: str, value: Any, current: Any, num_tasks: Optiona
             )
     elif not _is_number(value):
         raise TypeError(f"override[{key!r}] must be a number or a tensor, got {value!r}")
+    elif not math.isfinite(value):
+        raise ValueError(f"override[{key!r}] must be finite, got {value!r}")
 
 
 def _import_state(

@@ -24,6 +24,7 @@ from __future__ import annotations
 import inspect as _inspect
 import typing as _typing
 import warnings as _warnings
+import weakref as _weakref
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch as _torch
@@ -31,6 +32,7 @@ from torch import nn as _nn
 
 from ._batching import TaskBatch as _TaskBatch
 from ._lending import SlotPlan as _SlotPlan
+from ._lending import _is_compiling
 
 _Params = Union[Sequence[_torch.Tensor], Mapping[str, _torch.Tensor]]
 _EncapsulatorType = Optional[Callable[["_MonkeyPatchBase", _nn.Module], None]]
@@ -55,11 +57,21 @@ class _MonkeyPatchBase:
     _root: "_PatchedModule"
     _prefix: str
 
-    def _setup(self, module: _nn.Module, root: "_PatchedModule", prefix: str) -> None:
+    def _setup(self, module: _nn.Module, prefix: str) -> None:
         object.__setattr__(self, "_module", module)
-        object.__setattr__(self, "_root", root)
         object.__setattr__(self, "_prefix", prefix)
-        object.__setattr__(self, "_views", {})
+
+    def _owner(self) -> Optional["_PatchedModule"]:
+        """The root, or None while the root is still being constructed."""
+        root = self.__dict__.get("_root", self)
+        return root if "_index" in root.__dict__ else None
+
+    def __deepcopy__(self, memo: dict) -> Any:
+        raise TypeError(
+            "deepcopy of a patched module is not supported (its fast weights are part of an "
+            "autograd graph); save it with fmodel.state_dict(), or patch the module again and "
+            "update_params([p.detach().clone() for p in fmodel.parameters()])"
+        )
 
     # -- calls ------------------------------------------------------------------------------
     def __call__(self, *args: Any, params: Optional[_Params] = None, **kwargs: Any) -> Any:
@@ -79,8 +91,8 @@ class _MonkeyPatchBase:
     # -- reading the wrapped module -----------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
         # Only reached when normal lookup fails, i.e. for the wrapped module's own names.
-        root = self.__dict__.get("_root")
-        if name.startswith("__") or root is None or "_index" not in root.__dict__:
+        root = self._owner()
+        if name.startswith("__") or root is None:
             raise AttributeError(name)  # a dunder, or a lookup while still being constructed
         module = self.__dict__["_module"]
         qualified = self._prefix + name
@@ -108,10 +120,17 @@ class _MonkeyPatchBase:
         return attr
 
     def _view(self, name: str, submodule: _nn.Module) -> "_PatchedView":
-        views = self.__dict__["_views"]
+        if _is_compiling():  # Dynamo cannot build a weak dictionary; identity is moot there
+            return _PatchedView(submodule, self._root, self._prefix + name + ".")
+        # Views are cached weakly: a strong cache (root -> view -> root) would be a reference
+        # cycle keeping every fast weight alive until the cyclic collector happens to run.
+        views = self.__dict__.get("_views")
+        if views is None:
+            views = self.__dict__["_views"] = _weakref.WeakValueDictionary()
         view = views.get(name)
         if view is None or view._module is not submodule:
-            view = views[name] = _PatchedView(submodule, self._root, self._prefix + name + ".")
+            view = _PatchedView(submodule, self._root, self._prefix + name + ".")
+            views[name] = view
         return view
 
     # Containers (Sequential, ModuleList, ModuleDict) hand out views of their children, never
@@ -148,10 +167,10 @@ class _MonkeyPatchBase:
     def __setattr__(self, name: str, value: Any) -> None:
         # Assigning a parameter name replaces that fast weight, as in higher; anything else is
         # a plain attribute of the proxy (never registered, never lent to the module).
-        root = self.__dict__.get("_root")
-        index = None if root is None else root.__dict__.get("_index")
-        qualified = self._prefix + name if index else None
-        if qualified in (index or ()):
+        root = self._owner()
+        index = {} if root is None else root._index
+        qualified = self._prefix + name
+        if qualified in index:
             params = list(root._params_at(None))
             params[root._index[qualified]] = value
             root.update_params(params)
@@ -244,7 +263,8 @@ class _MonkeyPatchBase:
         root = self._root
         current = {id(p): q for p, q in zip(root._plan.params, root._params_at(None))}
         current.update({id(b): c for b, c in zip(root._plan.buffers, root._buffers_list)})
-        state = self._module.state_dict(prefix=prefix, keep_vars=True)
+        with root._plan.locked():  # another thread may be lending into the module right now
+            state = self._module.state_dict(prefix=prefix, keep_vars=True)
         for key, tensor in state.items():
             tensor = current.get(id(tensor), tensor)
             state[key] = tensor if keep_vars else tensor.detach()
@@ -261,25 +281,36 @@ class _PatchedView(_MonkeyPatchBase):
     """A submodule of a patched module, called on the root's current fast weights."""
 
     def __init__(self, module: _nn.Module, root: "_PatchedModule", prefix: str) -> None:
-        self._setup(module, root, prefix)
+        self._setup(module, prefix)
+        object.__setattr__(self, "_root", root)
 
 
 class _PatchedModule(_MonkeyPatchBase):
     """The root patched module: owns the fast weights, buffer copies and training flags."""
 
-    def __init__(self, module: _nn.Module, num_tasks: Optional[int] = None) -> None:
-        self._setup(module, self, "")
+    def __init__(
+        self,
+        module: _nn.Module,
+        num_tasks: Optional[int] = None,
+        device: Optional[_torch.device] = None,
+    ) -> None:
+        self._setup(module, "")
         plan = _SlotPlan(module)
         self._plan = plan
         self._tasks = None if num_tasks is None else _TaskBatch(num_tasks, module)
         self._index = {name: i for i, name in enumerate(plan.param_names)}
         self._buffer_index = {name: i for i, name in enumerate(plan.buffer_names)}
         self._shapes = [self._stack_shape(p.shape) for p in plan.params]
+        self._device = None if device is None else _torch.device(device)
         self._buffers_list: List[_torch.Tensor] = [self.stack(b.detach()) for b in plan.buffers]
         self._modes: List[bool] = [m.training for m in plan.modules]
         self._module_index = {id(m): i for i, m in enumerate(plan.modules)}
         self._fast_params: Optional[List[List[_torch.Tensor]]] = None
         self._track_higher_grads = True
+
+    @property
+    def _root(self) -> "_PatchedModule":
+        return self  # a property, not an attribute: an attribute would be a reference cycle
 
     # -- tasks ---------------------------------------------------------------------------------
     @property
@@ -347,6 +378,8 @@ class _PatchedModule(_MonkeyPatchBase):
                 "it with monkeypatch()"
             )
         time = -1 if time is None else time
+        if isinstance(time, bool) or not isinstance(time, int):
+            raise TypeError(f"time must be an int step index or None, got {time!r}")
         if not self._track_higher_grads and time not in (-1, 0):
             raise ValueError(
                 f"parameters(time={time}): only the latest fast weights are kept when not "
@@ -379,13 +412,22 @@ class _PatchedModule(_MonkeyPatchBase):
                 f"expected {len(names)} parameters (one per distinct parameter of the module, "
                 f"tied weights once), got {len(params)}"
             )
-        for name, p, shape in zip(names, params, self._shapes):
+        for name, p, shape, original in zip(names, params, self._shapes, self._plan.params):
             if not isinstance(p, _torch.Tensor):
                 raise TypeError(f"parameter {name!r} must be a tensor, got {type(p).__name__}")
             if p.shape != shape:
                 raise ValueError(
                     f"parameter {name!r} has shape {tuple(p.shape)}, expected {tuple(shape)}"
                 )
+            # Mixed dtypes or devices would be promoted or, under vmap, silently miscomputed.
+            if p.dtype != original.dtype:
+                raise TypeError(
+                    f"parameter {name!r} has dtype {p.dtype}, expected {original.dtype} (convert "
+                    "the module itself, e.g. model.double(), to change dtypes)"
+                )
+            device = self._device or original.device
+            if not _same_device(p.device, device):
+                raise ValueError(f"parameter {name!r} is on {p.device}, expected {device}")
         return params
 
     def _current_tensor(self, name: str) -> Optional[_torch.Tensor]:
@@ -420,8 +462,16 @@ class _PatchedModule(_MonkeyPatchBase):
         return f"MonkeyPatched({self._module!r}) [{steps}]"
 
 
+def _same_device(a: _torch.device, b: _torch.device) -> bool:
+    # "cuda" (no index) stands for the current device: it matches any index of its type.
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
 def make_functional(
-    module: _nn.Module, encapsulator: _EncapsulatorType = None, num_tasks: Optional[int] = None
+    module: _nn.Module,
+    encapsulator: _EncapsulatorType = None,
+    num_tasks: Optional[int] = None,
+    device: Optional[_torch.device] = None,
 ) -> _MonkeyPatchBase:
     """A patched module without fast weights: every call must pass ``params=``.
 
@@ -430,6 +480,7 @@ def make_functional(
         encapsulator: optional ``f(fmodule, module)`` run once on the new patched module, e.g.
             to give it initial fast weights with ``fmodule.update_params``.
         num_tasks: see ``monkeypatch``.
+        device: the device fast weights must be on (default: the module's).
 
     Returns:
         The patched module, holding copies of ``module``'s buffers.
@@ -443,7 +494,7 @@ def make_functional(
         )
     if not isinstance(module, _nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(module).__name__}")
-    fmodule = _PatchedModule(module, num_tasks)
+    fmodule = _PatchedModule(module, num_tasks, device)
     if encapsulator is not None:
         encapsulator(fmodule, module)
     return fmodule
@@ -458,7 +509,9 @@ def buffer_sync(
         KeyError: ``module`` has a buffer the patched module does not know.
     """
     root = fmodule._root
-    for name, buffer in module.named_buffers():
+    with root._plan.locked():  # read the module's own buffers, not ones lent by a thread
+        named = list(module.named_buffers())
+    for name, buffer in named:
         name = fmodule._prefix + name
         if name not in root._buffer_index:
             raise KeyError(f"buffer {name!r} is not a buffer of the patched module")
@@ -509,22 +562,22 @@ def monkeypatch(
     """
 
     def encapsulator(fmodule: _MonkeyPatchBase, module: _nn.Module) -> None:
+        # The module's own parameters as resolved at patch time (under the lending lock), not
+        # module.parameters(), which may hold another thread's lent fast weights right now.
+        originals = fmodule._root._plan.params
         if copy_initial_weights:
-            params = [
-                fmodule.stack(p.detach()).requires_grad_(p.requires_grad)
-                for p in module.parameters()
-            ]
+            params = [fmodule.stack(p.detach()).requires_grad_(p.requires_grad) for p in originals]
         elif num_tasks is None:
-            params = [p.clone() for p in module.parameters()]
+            params = [p.clone() for p in originals]
         else:
             # A view, not a copy: the gradient of every task's weights flows back into p.
-            params = [p.expand(num_tasks, *p.shape) for p in module.parameters()]
+            params = [p.expand(num_tasks, *p.shape) for p in originals]
         if device is not None:
             params = [p.to(device) for p in params]
         buffer_sync(module, fmodule, device)
         fmodule.update_params(params)
 
-    fmodule = make_functional(module, encapsulator=encapsulator, num_tasks=num_tasks)
+    fmodule = make_functional(module, encapsulator=encapsulator, num_tasks=num_tasks, device=device)
     fmodule.track_higher_grads = track_higher_grads
     return fmodule
 
