@@ -30,6 +30,10 @@ def compile(fn: Optional[Callable[..., Any]] = None, **compile_kwargs: Any) -> C
     Returns:
         The compiled function. Calls with new data of the same shapes reuse the compiled graph.
 
+    Inside the compiled function, patch with ``copy_initial_weights=False`` (MAML's setting):
+    the copies ``copy_initial_weights=True`` makes are new leaves requiring grad, and Dynamo
+    refuses to return anything computed from a ``requires_grad_()`` made inside the graph.
+
     Raises:
         RuntimeError: the installed torch cannot trace ``torch.autograd.grad`` (needs torch >=
             2.11).

@@ -160,14 +160,16 @@ class SlotPlan:
                 lock.release()
 
     def _functional_call(self, fn, params, buffers, modes, args, kwargs):
-        if any(m.training is not mode for m, mode in zip(self.modules, modes)):
-            raise RuntimeError(
-                "a compiled patched module must run in its module's training mode; call "
-                "train()/eval() on the original module before compiling"
-            )
         tensors = dict(zip(self.param_names, params))
         tensors.update(zip(self.buffer_names, buffers))
-        # What torch.func.functional_call does inside, usable for any `fn` (a submodule or a
-        # method of the module, not only its forward); Dynamo traces it natively.
-        with _reparametrize_module(self.module, tensors, tie_weights=True):
-            return fn(*args, **kwargs)
+        flipped = [m for m, mode in zip(self.modules, modes) if m.training != mode]
+        for m in flipped:
+            m.training = not m.training
+        try:
+            # What torch.func.functional_call does inside, usable for any `fn` (a submodule or
+            # a method of the module, not only its forward); Dynamo traces it natively.
+            with _reparametrize_module(self.module, tensors, tie_weights=True):
+                return fn(*args, **kwargs)
+        finally:
+            for m in flipped:
+                m.training = not m.training

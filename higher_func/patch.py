@@ -14,9 +14,11 @@ Example:
     >>> fmodel.update_params([p - 0.1 * g for p, g in zip(fmodel.parameters(), grads)])
     >>> fmodel(torch.randn(8, 3)).sum().backward()  # gradients reach model.weight, model.bias
 
-Differs from higher: submodule views (``fmodel.encoder``) are created on demand and are not
-listed by ``fmodel.children()``; ``make_functional`` copies the buffers at once, so
-``buffer_sync`` is only needed to refresh them.
+Differs from higher: the patched module is a plain object, not an ``nn.Module``; the methods
+``nn.Module`` itself defines that would act on the original module (``to``, ``cuda``,
+``double``, ``apply``, ``load_state_dict``...) are refused with an error saying what to do
+instead; ``make_functional`` copies the buffers at once, so ``buffer_sync`` is only needed to
+refresh them.
 """
 
 from __future__ import annotations
@@ -100,6 +102,13 @@ class _MonkeyPatchBase:
         if tensor is not None:
             return tensor
         class_attr = getattr(type(module), name, None)
+        if class_attr is not None and class_attr is getattr(_nn.Module, name, None):
+            raise AttributeError(
+                f"a patched module has no {name}(): nn.Module's own methods would act on the "
+                "original module, not on the fast weights. Move or convert the module before "
+                "patching it (monkeypatch(model.to(device)), or pass device=), and save "
+                "adapted weights with state_dict()"
+            )
         if isinstance(class_attr, property):
             # A property (a parametrized weight among them) computes from the weights.
             return root._run(lambda: getattr(module, name), None, (), {})
@@ -140,6 +149,24 @@ class _MonkeyPatchBase:
 
     def children(self) -> Iterator["_PatchedView"]:
         return (view for _, view in self.named_children())
+
+    def named_modules(self, prefix: str = "") -> Iterator[Tuple[str, "_MonkeyPatchBase"]]:
+        """``(name, view)`` for this patched module and every submodule, depth first."""
+        yield prefix, self
+        for name, child in self.named_children():
+            yield from child.named_modules(prefix + ("." if prefix else "") + name)
+
+    def modules(self) -> Iterator["_MonkeyPatchBase"]:
+        return (module for _, module in self.named_modules())
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear ``.grad`` of the fast weights that are leaves (others never get one)."""
+        for p in self.parameters():
+            if p.is_leaf and p.grad is not None:
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.zero_()
 
     def __getitem__(self, key: Any) -> Any:
         item = self._module[key]

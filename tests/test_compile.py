@@ -181,3 +181,18 @@ def test_submodules_methods_and_properties_use_fast_weights_when_compiled():
     for e, c in zip(eager, compiled):
         torch.testing.assert_close(c, e)
     assert torch.equal(eager[4], 2 * net.head.weight)
+
+
+def test_eval_mode_of_a_patched_module_inside_a_compiled_function():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    net, x = _Net(), torch.randn(5, 3)
+
+    def evaluate(x):
+        fmodel = higher_func.monkeypatch(net, copy_initial_weights=False)
+        fmodel.eval()
+        return fmodel(x)
+
+    eager = evaluate(x)
+    torch.testing.assert_close(higher_func.compile(evaluate, backend="aot_eager")(x), eager)
+    assert net.training and net.encoder[1].training  # the original's flags are untouched

@@ -129,3 +129,10 @@ def test_rejected_params_change_nothing(mlp):
     with pytest.raises((IndexError, *ERRORS)):
         list(fmodel.parameters(time=1))  # no step was recorded
     assert_module_unchanged(mlp.model, before)
+
+
+@pytest.mark.parametrize("method", ["to", "cuda", "double", "apply", "load_state_dict"])
+def test_module_methods_that_would_act_on_the_original_are_refused(method):
+    fmodel = hf_patch.monkeypatch(torch.nn.Linear(2, 3))
+    with pytest.raises(AttributeError, match=rf"no {method}\(\).*original module"):
+        getattr(fmodel, method)
