@@ -33,6 +33,12 @@ def _unbatchable(module: nn.Module) -> bool:
     )
 
 
+def check_num_tasks(num_tasks: Any) -> int:
+    if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
+        raise ValueError(f"num_tasks must be a positive int, got {num_tasks!r}")
+    return num_tasks
+
+
 class BatchingFallbackWarning(UserWarning):
     """A batched patched module runs its tasks in a Python loop instead of one vmap."""
 
@@ -41,9 +47,7 @@ class TaskBatch:
     """How a patched module runs ``size`` tasks: vmapped, or looped when vmap cannot."""
 
     def __init__(self, size: int, module: nn.Module) -> None:
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(f"num_tasks must be a positive int, got {size!r}")
-        self.size = size
+        self.size = check_num_tasks(size)
         unbatchable = sorted({type(m).__name__ for m in module.modules() if _unbatchable(m)})
         self.loop = bool(unbatchable)
         if self.loop and tuple(unbatchable) not in _warned:

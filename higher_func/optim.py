@@ -29,6 +29,7 @@ import torch
 
 from . import _rules
 from . import patch as _patch
+from ._batching import check_num_tasks
 
 _OverrideType = Dict[str, List[Any]]
 _GradCallbackType = Callable[[List[Optional[torch.Tensor]]], List[Optional[torch.Tensor]]]
@@ -427,8 +428,7 @@ def _num_tasks(num_tasks: Optional[int], fmodel: Any) -> Optional[int]:
     from_model = getattr(fmodel, "num_tasks", None) if fmodel is not None else None
     if num_tasks is None:
         return from_model
-    if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
-        raise ValueError(f"num_tasks must be a positive int, got {num_tasks!r}")
+    check_num_tasks(num_tasks)
     if fmodel is not None and from_model != num_tasks:
         raise ValueError(f"num_tasks={num_tasks} but the patched module has {from_model}")
     return num_tasks
