@@ -30,12 +30,15 @@ import torch
 from . import _rules
 from . import patch as _patch
 from ._batching import check_num_tasks
+from ._rules import RULES, UpdateRule
 
 _OverrideType = Dict[str, List[Any]]
 _GradCallbackType = Callable[[List[Optional[torch.Tensor]]], List[Optional[torch.Tensor]]]
 _GroupedGradsType = List[List[Optional[torch.Tensor]]]
 
 __all__ = [
+    "RULES",
+    "UpdateRule",
     "DifferentiableOptimizer",
     "DifferentiableSGD",
     "DifferentiableAdam",
