@@ -24,5 +24,5 @@ def lint(session):
 @nox.session
 def bench(session):
     session.install(TORCH)
-    session.install("-e", ".[test]")
+    session.install("-e", ".[test,examples]")  # matplotlib draws the scaling plot
     session.run("python", "-m", "benchmarks", *session.posargs)

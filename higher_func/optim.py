@@ -261,7 +261,7 @@ class DifferentiableOptimizer:
             )
         # Tasks are independent: d(sum of task losses)/d(stacked weights) is each task's gradient.
         found = torch.autograd.grad(
-            loss.sum(),
+            loss if loss.dim() == 0 else loss.sum(),
             [params[i] for i in trainable],
             create_graph=self._track_higher_grads and not self._first_order,
             # A weight the loss does not use gets no gradient and, as in torch.optim when
