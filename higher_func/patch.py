@@ -281,19 +281,46 @@ class _MonkeyPatchBase:
     def training(self, mode: bool) -> None:
         self.train(mode)
 
-    def state_dict(self, *args: Any, prefix: str = "", keep_vars: bool = False, **kwargs: Any):
+    def state_dict(
+        self,
+        *args: Any,
+        prefix: str = "",
+        keep_vars: bool = False,
+        task: Optional[int] = None,
+        **kwargs: Any,
+    ):
         """The wrapped module's ``state_dict`` with the fast weights and buffer copies in place
         of its own tensors: it loads into the original module's class (to save an adapted
-        model)."""
+        model).
+
+        Args:
+            prefix, keep_vars: as in ``nn.Module.state_dict``.
+            task: with ``num_tasks``, which task's weights to export (required then).
+
+        Raises:
+            ValueError: ``task`` is missing (or out of range) for a batched patched module, or
+                given for one that is not batched.
+        """
         if args or kwargs:
-            raise TypeError("state_dict() of a patched module takes only prefix= and keep_vars=")
+            raise TypeError(
+                "state_dict() of a patched module takes only prefix=, keep_vars= and task="
+            )
         root = self._root
+        if (task is None) != (root.num_tasks is None):
+            raise ValueError(
+                "state_dict(task=t) selects one task of a batched patched module; it is "
+                "required with num_tasks and meaningless without"
+            )
+        if task is not None and not 0 <= task < root.num_tasks:
+            raise ValueError(f"task {task} is out of range for num_tasks={root.num_tasks}")
         current = {id(p): q for p, q in zip(root._plan.params, root._params_at(None))}
         current.update({id(b): c for b, c in zip(root._plan.buffers, root._buffers_list)})
         with root._plan.locked():  # another thread may be lending into the module right now
             state = self._module.state_dict(prefix=prefix, keep_vars=True)
         for key, tensor in state.items():
-            tensor = current.get(id(tensor), tensor)
+            if id(tensor) in current:
+                tensor = current[id(tensor)]
+                tensor = tensor if task is None else tensor[task]
             state[key] = tensor if keep_vars else tensor.detach()
         return state
 

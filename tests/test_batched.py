@@ -696,3 +696,25 @@ def test_state_dict_needs_a_task_when_batched(batched_pair):
     _, _, diffopt = batched_pair
     with pytest.raises(ValueError, match="task"):
         diffopt.state_dict()
+
+
+def test_state_dict_of_one_task_loads_into_the_module_class():
+    model = mlp(batchnorm=True)
+    xs = torch.randn(3, 5, 4, dtype=DTYPE)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with higher_func.innerloop_ctx(model, opt, copy_initial_weights=False, num_tasks=3) as (
+        fmodel,
+        diffopt,
+    ):
+        diffopt.step(fmodel(xs).pow(2).mean(dim=(1, 2)))
+        fmodel.eval()
+        outputs = fmodel(xs)
+        for task in range(3):
+            adapted = copy.deepcopy(model)
+            adapted.load_state_dict(fmodel.state_dict(task=task), strict=True)
+            adapted.eval()
+            torch.testing.assert_close(adapted(xs[task]), outputs[task])
+        with pytest.raises(ValueError, match="task"):
+            fmodel.state_dict()
+        with pytest.raises(ValueError, match="out of range"):
+            fmodel.state_dict(task=3)
