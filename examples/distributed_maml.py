@@ -211,6 +211,10 @@ def main(argv: Optional[List[str]] = None) -> None:
             path = os.path.join(args.out, "distributed_maml.pt")
             torch.save(model.state_dict(), path)
             print(f"wrote {path}")
+        if launched:
+            # Leave together: a rank tearing down gloo while its peer still talks to it can
+            # abort that peer ("terminate called without an active exception").
+            dist.barrier()
     finally:
         if launched:
             dist.destroy_process_group()

@@ -22,7 +22,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from zoo import ZOO, assert_module_unchanged, snapshot
+from zoo import ZOO, assert_module_unchanged, assert_same_objects, snapshot
 
 import higher_func as higher
 
@@ -95,7 +95,7 @@ class Setup:
             action()
         message = _message(info.value)
         assert re.search(names_problem, message), f"message does not name the problem: {message}"
-        _assert_same(self.record(), record, "patched module and optimizer")
+        assert_same_objects(self.record(), record, "patched module and optimizer")
         assert_module_unchanged(self.model, self.before)
         return message
 
@@ -103,21 +103,6 @@ class Setup:
 def _message(error: BaseException) -> str:
     # str(KeyError) is the repr of its argument: read the argument itself.
     return str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
-
-
-def _assert_same(after, before, what):
-    if isinstance(before, dict):
-        assert after.keys() == before.keys(), f"{what}: keys changed"
-        for key in before:
-            _assert_same(after[key], before[key], f"{what}[{key!r}]")
-    elif isinstance(before, (list, tuple)):
-        assert len(after) == len(before), f"{what}: length changed"
-        for i, (a, b) in enumerate(zip(after, before)):
-            _assert_same(a, b, f"{what}[{i}]")
-    elif isinstance(before, torch.Tensor):
-        assert after is before, f"{what}: tensor replaced"
-    else:
-        assert after == before, f"{what}: {before!r} became {after!r}"
 
 
 class _Shown:

@@ -69,6 +69,7 @@ def worker(rank: int, port: int, out_dir: str) -> None:
             {"grads": grads, "loss": loss, "weights": weights, "losses": losses, "same": same},
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
+        dist.barrier()  # leave together: an early teardown can abort the peer's gloo threads
     finally:
         dist.destroy_process_group()
 

@@ -26,16 +26,6 @@ OPTIMIZERS = list(_opt_mapping)
 LOW_PRECISION = [torch.float16, torch.bfloat16]
 
 
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a loaded machine their spinning
-    makes a convolution step up to 20x slower; run each test on one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _ids(value):
     return getattr(value, "__name__", str(value).replace("torch.", ""))
 

@@ -30,6 +30,7 @@ from zoo import (
     RECURRENT,
     ZOO,
     assert_module_unchanged,
+    assert_same_objects,
     assert_trees_close,
     perturbed_params,
     scalar_loss,
@@ -44,16 +45,6 @@ from higher_func.optim import _opt_mapping
 # How long a deliberately paused call waits for the other thread before giving up. A correct
 # lock makes the other thread wait, so every such test spends this long once.
 PAUSE_S = 0.3
-
-
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a loaded machine their spinning
-    makes a convolution step up to 20x slower; run each test on one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture
@@ -526,21 +517,6 @@ def _optimizer_record(diffopt):
     return groups, state
 
 
-def _assert_same_objects(after, before, what):
-    if isinstance(before, dict):
-        assert after.keys() == before.keys(), f"{what}: keys changed"
-        for key in before:
-            _assert_same_objects(after[key], before[key], f"{what}[{key!r}]")
-    elif isinstance(before, (list, tuple)):
-        assert len(after) == len(before), f"{what}: length changed"
-        for i, (a, b) in enumerate(zip(after, before)):
-            _assert_same_objects(a, b, f"{what}[{i}]")
-    elif isinstance(before, torch.Tensor):
-        assert after is before, f"{what}: tensor replaced"
-    else:
-        assert after == before, f"{what}: {before!r} became {after!r}"
-
-
 @pytest.mark.parametrize("num_tasks", [None, 2], ids=["single", "batched"])
 @pytest.mark.parametrize("fault", FAULTS)
 def test_a_step_that_raises_changes_nothing(fault, num_tasks):
@@ -559,8 +535,8 @@ def test_a_step_that_raises_changes_nothing(fault, num_tasks):
 
         _faulty_step(fault, model, fmodel, diffopt, x, y, num_tasks)
 
-        _assert_same_objects(_history(fmodel), history, "fast weight history")
-        _assert_same_objects(_optimizer_record(diffopt), record, "optimizer groups and state")
+        assert_same_objects(_history(fmodel), history, "fast weight history")
+        assert_same_objects(_optimizer_record(diffopt), record, "optimizer groups and state")
         assert_module_unchanged(model, before)
         assert torch._C._functorch.maybe_current_level() is None, "a vmap level was left open"
 

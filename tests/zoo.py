@@ -438,3 +438,19 @@ def assert_module_unchanged(module: nn.Module, before: ModuleSnapshot) -> None:
                 assert weight is old, f"{prefix}._flat_weights[{name}] replaced"
     for name, p in module.named_parameters():
         assert p.grad is None, f"{name}.grad was written"
+
+
+def assert_same_objects(after, before, what):
+    """``after`` holds the very objects of ``before`` (tensors by identity), recursively."""
+    if isinstance(before, dict):
+        assert after.keys() == before.keys(), f"{what}: keys changed"
+        for key in before:
+            assert_same_objects(after[key], before[key], f"{what}[{key!r}]")
+    elif isinstance(before, (list, tuple)):
+        assert len(after) == len(before), f"{what}: length changed"
+        for i, (a, b) in enumerate(zip(after, before)):
+            assert_same_objects(a, b, f"{what}[{i}]")
+    elif isinstance(before, torch.Tensor):
+        assert after is before, f"{what}: tensor replaced"
+    else:
+        assert after == before, f"{what}: {before!r} became {after!r}"
