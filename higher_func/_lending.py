@@ -5,8 +5,9 @@ for tied weights on every call (about 20 us per forward on a small MLP). A patch
 the same module thousands of times with the same names, so `SlotPlan` resolves each name to
 the dictionary that holds it once, at patch time; a call is then a few dictionary writes.
 
-Under `torch.compile` the plan steps aside for `torch.func.functional_call`, which Dynamo
-traces natively (it cannot trace a lock or writes into a module's private dictionaries).
+Under `torch.compile` the plan steps aside for the reparametrization `functional_call` is made
+of, which Dynamo traces natively (it cannot trace a lock or writes into a module's private
+dictionaries).
 """
 
 from __future__ import annotations
