@@ -38,16 +38,6 @@ SETTINGS = settings(
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a loaded machine their spinning
-    makes a convolution step up to 20x slower; run each test on one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Setup:
     """A float32 MLP, its patched module after one step, and the optimizer (two groups)."""
 

@@ -17,7 +17,7 @@ import copy
 import higher as higher_oracle
 import pytest
 import torch
-from zoo import ZOO, assert_trees_close, scalar_loss, tensors_in
+from zoo import ZOO, assert_trees_close, scalar_loss, state_tensors, tensors_in
 
 import higher_func as higher
 from higher_func.optim import _opt_mapping
@@ -41,16 +41,6 @@ def _opt_kwargs(opt_type, dtype):
     return kwargs
 
 
-def _state_tensors(diffopt):
-    return [
-        v
-        for states in diffopt.state
-        for s in states.values()
-        for v in s.values()
-        if torch.is_tensor(v)
-    ]
-
-
 def _mlp(dtype):
     return ZOO["mlp"](dtype=dtype)
 
@@ -71,7 +61,7 @@ def test_float64_stays_float64_end_to_end(opt_type):
             assert out.dtype == torch.float64
             diffopt.step(scalar_loss(out))
         assert {p.dtype for p in fmodel.parameters()} == {torch.float64}
-        assert {t.dtype for t in _state_tensors(diffopt)} <= {torch.float64}
+        assert {t.dtype for t in state_tensors(diffopt)} <= {torch.float64}
         scalar_loss(fmodel(*case.inputs)).backward()
     assert {p.grad.dtype for p in case.model.parameters()} == {torch.float64}
 
@@ -142,7 +132,7 @@ def test_low_precision_steps_match_torch_optim(opt_type, dtype):
             twin_opt.step()
         weights = list(fmodel.parameters())
         assert {p.dtype for p in weights} == {dtype}
-        for t in _state_tensors(diffopt):
+        for t in state_tensors(diffopt):
             # Per-weight state in the weights' dtype; scalar state (ASGD's eta, NAdam's
             # mu_product) may be kept in float32, as documented in higher_func._rules.
             assert t.dtype == dtype or (t.dim() == 0 and t.dtype == torch.float32), t.dtype

@@ -35,6 +35,7 @@ from zoo import (
     perturbed_params,
     scalar_loss,
     snapshot,
+    state_tensors,
     tensors_in,
     with_params,
 )
@@ -580,16 +581,6 @@ def _no_cycle_collection():
         gc.enable()
 
 
-def _state_tensors(diffopt):
-    return [
-        v
-        for states in diffopt.state
-        for s in states.values()
-        for v in s.values()
-        if torch.is_tensor(v)
-    ]
-
-
 def _maml_refs(case, opt_type, num_tasks=None, use_view=False):
     """One MAML inner loop; weak references to everything it made, taken inside it."""
     model, inputs = case.model, case.inputs
@@ -609,7 +600,7 @@ def _maml_refs(case, opt_type, num_tasks=None, use_view=False):
         if use_view:
             fmodel.encoder(*inputs)
         refs = [weakref.ref(p) for step in _history(fmodel) for p in step]
-        refs += [weakref.ref(t) for t in _state_tensors(diffopt)]
+        refs += [weakref.ref(t) for t in state_tensors(diffopt)]
         refs += [weakref.ref(b) for b in fmodel.buffers()]
         out = fmodel(*inputs)
         refs += [weakref.ref(t) for t in tensors_in(out)]
@@ -648,7 +639,7 @@ def test_no_tensor_hooks_on_fast_weights_or_state(opt_type):
         for step in _history(fmodel):
             for p in step:
                 assert not p._backward_hooks, "a tensor hook is registered on a fast weight"
-        for t in _state_tensors(diffopt):
+        for t in state_tensors(diffopt):
             assert not t._backward_hooks, "a tensor hook is registered on an optimizer state"
 
 
@@ -728,7 +719,7 @@ def test_not_tracking_keeps_memory_flat_in_the_number_of_steps(opt_type):
             assert _live_tensors() == start
         assert len(_history(fmodel)) == 1
         assert all(p.grad_fn is None for p in fmodel.parameters()), "fast weights hold a graph"
-        assert all(t.grad_fn is None for t in _state_tensors(diffopt)), "state holds a graph"
+        assert all(t.grad_fn is None for t in state_tensors(diffopt)), "state holds a graph"
         # The optimizer's own view of the weights must not hold on to a graph either.
         for group in diffopt.param_groups:
             assert all(p.grad_fn is None for p in group["params"]), "param_groups hold a graph"
@@ -799,11 +790,11 @@ def test_deepcopy_of_a_differentiable_optimizer_is_independent_or_refused_clearl
             )
             return
         weights = [p.detach().clone() for p in fmodel.parameters()]
-        momentum = [t.detach().clone() for t in _state_tensors(diffopt)]
+        momentum = [t.detach().clone() for t in state_tensors(diffopt)]
         # Step the copy on weights of its own, computed without touching fmodel.
         names = [n for n, _ in case.model.named_parameters()]
         own = [p.detach().clone().requires_grad_() for p in fmodel.parameters()]
         out = torch.func.functional_call(case.model, dict(zip(names, own)), case.inputs)
         twin.step(scalar_loss(out), params=own)
         assert_trees_close(list(fmodel.parameters()), weights)
-        assert_trees_close(_state_tensors(diffopt), momentum)
+        assert_trees_close(state_tensors(diffopt), momentum)

@@ -454,3 +454,14 @@ def assert_same_objects(after, before, what):
         assert after is before, f"{what}: tensor replaced"
     else:
         assert after == before, f"{what}: {before!r} became {after!r}"
+
+
+def state_tensors(diffopt):
+    """Every tensor in a differentiable optimizer's state."""
+    return [
+        v
+        for states in diffopt.state
+        for s in states.values()
+        for v in s.values()
+        if torch.is_tensor(v)
+    ]
