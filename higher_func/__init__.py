@@ -47,6 +47,7 @@ def innerloop_ctx(
     track_higher_grads: bool = True,
     first_order: bool = False,
     num_tasks: _Optional[int] = None,
+    randomness: str = "different",
 ) -> _Iterator[_Tuple[patch._MonkeyPatchBase, optim.DifferentiableOptimizer]]:
     """A patched ``model`` and a differentiable ``opt``, for writing an unrolled inner loop.
 
@@ -68,6 +69,9 @@ def innerloop_ctx(
         num_tasks: if given, ``num_tasks`` inner loops run as one vmapped computation: inputs
             carry a leading task dim, ``diffopt.step(losses)`` takes one loss per task (shape
             ``[num_tasks]``), and the meta-gradients of all tasks sum into ``model``.
+        randomness: with ``num_tasks``, how random ops such as dropout draw across tasks
+            (``torch.vmap``'s meanings): ``"different"`` (default, as a loop over tasks),
+            ``"same"`` or ``"error"``.
 
     Yields:
         ``(fmodel, diffopt)``: the patched model, and the optimizer whose ``step(loss)``
@@ -91,6 +95,7 @@ def innerloop_ctx(
         copy_initial_weights=copy_initial_weights,
         track_higher_grads=track_higher_grads,
         num_tasks=num_tasks,
+        randomness=randomness,
     )
     diffopt = optim.get_diff_optim(
         opt,

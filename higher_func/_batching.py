@@ -4,20 +4,27 @@ Tasks are independent, so stacking their fast weights ``[T, *shape]`` and vmappi
 forward over the leading dim computes every task at once. The gradient of the *sum* of the
 per-task losses with respect to the stacked weights is then exactly each task's own gradient,
 which is why the optimizers need nothing but one loss per task.
+
+Between calls the patch's module copies hold the stacked tensors (so ``fmodel.fc.weight`` reads
+``[T, *shape]``); for the length of a call they hold one task's tensors, inside vmap or inside a
+loop over tasks. What the forward leaves on the copies (a reassigned buffer, ``self.last = h``)
+comes back out stacked, one entry per task.
 """
 
 from __future__ import annotations
 
+import threading
 import warnings
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from ._lending import SlotPlan
+from ._tree import ModuleTree, is_compiling
 
 _warned: set = set()
+_RANDOMNESS = ("different", "same", "error")
 
 
 def _unbatchable(module: nn.Module) -> bool:
@@ -39,25 +46,85 @@ def check_num_tasks(num_tasks: Any) -> int:
     return num_tasks
 
 
+def check_randomness(randomness: Any) -> str:
+    if randomness not in _RANDOMNESS:
+        raise ValueError(f"randomness must be one of {_RANDOMNESS}, got {randomness!r}")
+    return randomness
+
+
 class BatchingFallbackWarning(UserWarning):
     """A batched patched module runs its tasks in a Python loop instead of one vmap."""
+
+
+def _warn_once(key: Tuple[str, ...], message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, BatchingFallbackWarning, stacklevel=5)
+
+
+_MISSING = object()
+
+
+class _Leftovers:
+    """What a forward left on the copies besides the buffer slots: new or reassigned tensor
+    attributes (``self.last = h``, a buffer registered as None and filled in forward)."""
+
+    def __init__(self, tree: ModuleTree) -> None:
+        self._holders = [c.__dict__ for c in tree.modules()]
+        self._holders += [c._buffers for c in tree.modules()]
+        self._before = [dict(h) for h in self._holders]
+        self._slots = tree.buffer_slot_keys  # read back by the caller, not here
+
+    def changed(self) -> List[Tuple[Dict[str, Any], str, Any]]:
+        out = []
+        for holder, before in zip(self._holders, self._before):
+            for key, value in holder.items():
+                if before.get(key, _MISSING) is value or key == "_flat_weights":
+                    continue
+                if (id(holder), key) not in self._slots:
+                    out.append((holder, key, value))
+        return out
+
+    def restore(self) -> None:
+        for holder, before in zip(self._holders, self._before):
+            for key in [k for k in holder if k not in before]:
+                del holder[key]
+            holder.update(before)
+
+
+def _split_tensors(tree: Any) -> Tuple[List[torch.Tensor], Callable[[List[Any]], Any]]:
+    """The tensor leaves of ``tree`` and a function that puts (new) tensors back in place;
+    leaves that are not tensors (None, ints, strings) pass through unchanged."""
+    leaves, spec = pytree.tree_flatten(tree)
+    where = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
+
+    def rebuild(tensors: List[Any]) -> Any:
+        new = list(leaves)
+        for i, t in zip(where, tensors):
+            new[i] = t
+        return pytree.tree_unflatten(new, spec)
+
+    return [leaves[i] for i in where], rebuild
 
 
 class TaskBatch:
     """How a patched module runs ``size`` tasks: vmapped, or looped when vmap cannot."""
 
-    def __init__(self, size: int, module: nn.Module) -> None:
+    def __init__(self, size: int, module: nn.Module, randomness: str = "different") -> None:
         self.size = check_num_tasks(size)
+        self.randomness = check_randomness(randomness)
+        # Calls lend one task's tensors into the patch's copies: two threads calling the same
+        # batched patched module take turns. (Dynamo cannot build a lock; compiled code has
+        # no threads to exclude.)
+        self._lock = None if is_compiling() else threading.RLock()
         unbatchable = sorted({type(m).__name__ for m in module.modules() if _unbatchable(m)})
         self.loop = bool(unbatchable)
-        if self.loop and tuple(unbatchable) not in _warned:
-            _warned.add(tuple(unbatchable))
-            warnings.warn(
+        if self.loop:
+            _warn_once(
+                tuple(unbatchable),
                 f"{', '.join(unbatchable)} has no vmap batching rule in torch "
                 f"{torch.__version__}: num_tasks runs the tasks in a Python loop (correct, "
                 "but without the speed of vmap)",
-                BatchingFallbackWarning,
-                stacklevel=4,
             )
 
     def stack(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -96,42 +163,78 @@ class TaskBatch:
                     raise ValueError(
                         f"input {position} is on {leaf.device} but the fast weights are on {device}"
                     )
+        for key, value in kwargs.items():
+            if any(isinstance(leaf, torch.Tensor) for leaf in pytree.tree_leaves(value)):
+                raise TypeError(
+                    f"keyword argument {key}= holds a tensor: a batched patched module maps "
+                    "positional inputs over tasks (see in_dims=) and cannot tell whether a "
+                    "keyword tensor is per task or shared; pass it positionally"
+                )
         return in_dims
 
     def call(
         self,
-        plan: SlotPlan,
+        tree: ModuleTree,
         fn: Callable[..., Any],
         params: Sequence[torch.Tensor],
         buffers: List[torch.Tensor],
-        modes: Sequence[bool],
         args: tuple,
         kwargs: dict,
+        compiling: bool,
     ) -> Tuple[Any, List[torch.Tensor]]:
-        """Run ``fn`` once per task; returns the stacked outputs and the stacked buffers."""
+        """Run ``fn`` once per task; returns the stacked outputs and the stacked buffers.
+
+        ``params`` and ``buffers`` are the stacked tensors the copies hold between calls; they
+        hold them again afterwards, also when ``fn`` raises.
+        """
         device = next((t.device for t in (*params, *buffers)), None)
         in_dims = self.in_dims(args, kwargs, device)
         # vmap drops autocast for some ops (F.linear with a bias in torch 2.13): loop instead.
         autocast = device is not None and torch.is_autocast_enabled(device.type)
-        if autocast and ("autocast",) not in _warned:
-            _warned.add(("autocast",))
-            warnings.warn(
+        if autocast:
+            _warn_once(
+                ("autocast",),
                 "torch.autocast does not reach every op under torch.vmap: with autocast on, "
                 "num_tasks runs the tasks in a Python loop",
-                BatchingFallbackWarning,
-                stacklevel=5,
             )
-        if self.loop or autocast:
-            return self._loop(plan, fn, params, buffers, modes, args, in_dims, kwargs)
+        run = self._loop if self.loop or autocast else self._vmap
+        if compiling or self._lock is None:
+            return run(tree, fn, params, buffers, args, in_dims, kwargs)
+        with self._lock:
+            return run(tree, fn, params, buffers, args, in_dims, kwargs)
 
-        def one_task(params, buffers, *args):
-            buffers = list(buffers)
-            return plan.call(fn, params, buffers, modes, args, kwargs), buffers
+    def _vmap(self, tree, fn, params, buffers, args, in_dims, kwargs):
+        passthrough: Dict[str, Any] = {}
 
-        out, buffers = torch.vmap(one_task, in_dims=(0, 0, *in_dims))(params, buffers, *args)
-        return out, list(buffers)
+        def one_task(task_params, task_buffers, *task_args):
+            tree.write_params(task_params)
+            tree.write_buffers(task_buffers)
+            leftovers = _Leftovers(tree)
+            out = fn(*task_args, **kwargs)
+            changed = leftovers.changed()
+            # Outputs and attributes that are not tensors (None, ints) cannot leave vmap;
+            # they are the same for every task, so the trace's own values are kept.
+            tensors, rebuild = _split_tensors((out, [value for _, _, value in changed]))
+            passthrough.update(rebuild=rebuild, changed=changed, leftovers=leftovers)
+            return tensors, tree.read_buffers()
 
-    def _loop(self, plan, fn, params, buffers, modes, args, in_dims, kwargs):
+        try:
+            tensors, new_buffers = torch.vmap(
+                one_task, in_dims=(0, 0, *in_dims), randomness=self.randomness
+            )(params, buffers, *args)
+        finally:
+            if "leftovers" in passthrough:
+                passthrough["leftovers"].restore()
+            tree.write_params(params)
+            tree.write_buffers(buffers)
+        out, values = passthrough["rebuild"](tensors)
+        for (holder, key, _), value in zip(passthrough["changed"], values):
+            holder[key] = value
+        new_buffers = list(new_buffers)
+        tree.write_buffers(new_buffers)
+        return out, new_buffers
+
+    def _loop(self, tree, fn, params, buffers, args, in_dims, kwargs):
         def task_slice(arg, dim, t):
             if dim is None:
                 return arg
@@ -139,17 +242,37 @@ class TaskBatch:
                 lambda x: x.select(dim, t) if isinstance(x, torch.Tensor) else x, arg
             )
 
-        outs, per_task = [], []
+        outs, per_task_buffers, per_task_changed = [], [], []
         reassigned = [False] * len(buffers)
-        for t in range(self.size):
-            views = [b[t] for b in buffers]  # in-place updates (BatchNorm) land in the stack
-            own = list(views)
-            task_args = tuple(task_slice(arg, dim, t) for arg, dim in zip(args, in_dims))
-            outs.append(plan.call(fn, [p[t] for p in params], own, modes, task_args, kwargs))
-            reassigned = [r or o is not v for r, o, v in zip(reassigned, own, views)]
-            per_task.append(own)
+        try:
+            for t in range(self.size):
+                views = [b[t] for b in buffers]  # in-place updates (BatchNorm) land in the stack
+                tree.write_params([p[t] for p in params])
+                tree.write_buffers(views)
+                leftovers = _Leftovers(tree)
+                task_args = tuple(task_slice(arg, dim, t) for arg, dim in zip(args, in_dims))
+                outs.append(fn(*task_args, **kwargs))
+                own = tree.read_buffers()
+                reassigned = [r or o is not v for r, o, v in zip(reassigned, own, views)]
+                per_task_buffers.append(own)
+                per_task_changed.append(leftovers.changed())
+                leftovers.restore()
+        finally:
+            tree.write_params(params)
+            tree.write_buffers(buffers)
         stacked = [
-            torch.stack([own[i] for own in per_task]) if changed else b
+            torch.stack([own[i] for own in per_task_buffers]) if changed else b
             for i, (b, changed) in enumerate(zip(buffers, reassigned))
         ]
-        return pytree.tree_map(lambda *xs: torch.stack(xs), outs[0], *outs[1:]), stacked
+        for entries in zip(*per_task_changed):
+            holder, key, _ = entries[0]
+            holder[key] = _stack_tasks([value for _, _, value in entries])
+        tree.write_buffers(stacked)
+        return _stack_tasks(outs), stacked
+
+
+def _stack_tasks(per_task: List[Any]) -> Any:
+    """Stack the tensor leaves of per-task results; other leaves are the first task's."""
+    tensors, rebuild = _split_tensors(per_task[0])
+    columns = [_split_tensors(result)[0] for result in per_task]
+    return rebuild([torch.stack(column) for column in zip(*columns)] if tensors else [])

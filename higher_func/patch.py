@@ -1,10 +1,16 @@
-"""Patched modules: run a module's own code on fast weights it does not own.
+"""Patched modules: run a module's own code on fast weights, without ever writing into it.
 
-``monkeypatch(model)`` returns a light proxy around ``model`` (never a copy or a subclass of
-its class). The proxy holds the fast weights (a list in ``model.parameters()`` order, with
-their history while tracking higher-order gradients), its own copies of the buffers and its
-own training flags; each call lends them to ``model`` for the duration of the call and then
-restores what ``model`` held, also when the forward raises.
+``monkeypatch(model)`` returns a light proxy (a plain object, never a subclass of the model's
+class). At patch time it makes a shallow copy of the module tree (``higher_func._tree``): each
+submodule copied once, sharing the user's code, hooks and configuration, owning its parameter,
+buffer and child dictionaries and its training flag. The fast weights live in those copies, so
+calling the patched module is calling the user's own forward on the copy, and the user's module
+is never written, not even for the length of a call (another thread may use it meanwhile).
+
+Submodules of a patched module are those copies: real instances of their class
+(``isinstance(fmodel.encoder, Encoder)``), whose ``parameters()``, ``state_dict()``, custom
+methods, generators, ``train()`` overrides and attributes all act on the fast weights. With
+``num_tasks`` they are proxies instead, whose calls run once per task (vmapped).
 
 Example:
     >>> model = torch.nn.Linear(3, 1)
@@ -14,59 +20,80 @@ Example:
     >>> fmodel.update_params([p - 0.1 * g for p, g in zip(fmodel.parameters(), grads)])
     >>> fmodel(torch.randn(8, 3)).sum().backward()  # gradients reach model.weight, model.bias
 
-Differs from higher: the patched module is a plain object, not an ``nn.Module``; the methods
-``nn.Module`` itself defines that would act on the original module (``to``, ``cuda``,
-``double``, ``apply``, ``load_state_dict``...) are refused with an error saying what to do
-instead; ``make_functional`` copies the buffers at once, so ``buffer_sync`` is only needed to
-refresh them.
+Differs from higher: the patched module itself is a plain object, not an ``nn.Module`` (its
+submodules are real modules); the methods of ``nn.Module`` that would convert or overwrite the
+fast weights (``to``, ``cuda``, ``double``, ``load_state_dict``...) are refused with an error
+saying what to do instead; ``make_functional`` copies the buffers at once, so ``buffer_sync``
+is only needed to refresh them; assigning a plain tensor to a parameter name of a submodule
+(``fmodel.decoder.weight = w``) raises torch's own ``TypeError`` (replace fast weights with
+``update_params``, or assign on the patched module itself: ``fmodel.weight = w``).
 """
 
 from __future__ import annotations
 
 import inspect as _inspect
-import typing as _typing
-import warnings as _warnings
-import weakref as _weakref
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch as _torch
 from torch import nn as _nn
 
 from ._batching import TaskBatch as _TaskBatch
-from ._lending import SlotPlan as _SlotPlan
-from ._lending import _is_compiling
+from ._tree import ModuleTree as _ModuleTree
+from ._tree import is_compiling as _is_compiling
 
 _Params = Union[Sequence[_torch.Tensor], Mapping[str, _torch.Tensor]]
 _EncapsulatorType = Optional[Callable[["_MonkeyPatchBase", _nn.Module], None]]
 
 __all__ = ["monkeypatch", "make_functional", "buffer_sync"]
 
+# nn.Module methods that would convert, move or overwrite the fast weights in place (turning
+# them into new leaves, cut off from the graph): refused on a patched module.
+_REFUSED = frozenset(
+    {"to", "cuda", "cpu", "xpu", "ipu", "mtia", "type", "float", "double", "half", "bfloat16"}
+    | {"to_empty", "share_memory", "load_state_dict", "_apply"}
+)
+
 
 class _MonkeyPatchBase:
-    """What every patched module and every view of one of its submodules is an instance of.
+    """What every patched module is an instance of: a proxy for the patch's own copy of the
+    module, holding the history of its fast weights.
 
-    A patched module reads like the module it wraps: calls, submodules (``fmodel.encoder``),
-    custom methods (``fmodel.embed(x)``) and tensor attributes (``fmodel.fc.weight``) all see
-    the current fast weights. Other attributes are read from the wrapped module.
-
-    Differs from higher: it is a plain object, not a ``torch.nn.Module`` subclass, so that
-    Dynamo can build one inside a compiled meta-step (``nn.Module.__init__`` cannot be traced).
+    Differs from higher: a plain object, not a ``torch.nn.Module`` subclass, so that Dynamo can
+    build one inside a compiled meta-step.
     """
 
-    # The wrapped (sub)module, the root patched module that owns the state, and the dotted
-    # path from the root's module to the wrapped one ("" for the root itself).
     _module: _nn.Module
-    _root: "_PatchedModule"
-    _prefix: str
+    _tree: _ModuleTree
 
-    def _setup(self, module: _nn.Module, prefix: str) -> None:
-        object.__setattr__(self, "_module", module)
-        object.__setattr__(self, "_prefix", prefix)
+    def __init__(
+        self,
+        module: _nn.Module,
+        num_tasks: Optional[int] = None,
+        device: Optional[_torch.device] = None,
+        randomness: str = "different",
+    ) -> None:
+        compiling = _is_compiling()
+        tree = _ModuleTree(module, compiling)
+        state = self.__dict__
+        state["_module"] = module
+        state["_tree"] = tree
+        state["_compiling"] = compiling
+        state["_tasks"] = None if num_tasks is None else _TaskBatch(num_tasks, module, randomness)
+        state["_index"] = tree.param_index
+        state["_shapes"] = [self._stack_shape(p.shape) for p in tree.params]
+        state["_device"] = None if device is None else _torch.device(device)
+        state["_fast_params"] = None
+        state["_track_higher_grads"] = True
+        buffers = [self._stack(b.detach()) for b in tree.buffers]
+        tree.write_buffers(buffers if device is None else [b.to(device) for b in buffers])
 
-    def _owner(self) -> Optional["_PatchedModule"]:
-        """The root, or None while the root is still being constructed."""
-        root = self.__dict__.get("_root", self)
-        return root if "_index" in root.__dict__ else None
+    @property
+    def _plan(self) -> _ModuleTree:  # names and originals, for the optimizers' messages
+        return self._tree
+
+    @property
+    def _root(self) -> "_MonkeyPatchBase":
+        return self
 
     def __deepcopy__(self, memo: dict) -> Any:
         raise TypeError(
@@ -77,142 +104,131 @@ class _MonkeyPatchBase:
 
     # -- calls ------------------------------------------------------------------------------
     def __call__(self, *args: Any, params: Optional[_Params] = None, **kwargs: Any) -> Any:
-        """Call the wrapped module (its forward hooks included) on the fast weights.
+        """Call the module (its hooks included) on the fast weights.
 
         Args:
             params: optional new fast weights for the whole patched module (a list in
                 ``module.parameters()`` order, or a name->tensor dict). As in higher, they
                 become the current fast weights.
         """
-        return self._root._run(self._module, params, args, kwargs)
+        if params is not None:
+            self.fast_params = params
+        elif self._fast_params is None:
+            self._params_at(None)  # raises: no fast weights yet
+        if self._tasks is None:
+            return self._tree.root(*args, **kwargs)
+        return self._per_task(self._tree.root, args, kwargs)
 
     def forward(self, *args: Any, params: Optional[_Params] = None, **kwargs: Any) -> Any:
-        """Like calling the patched module, without the wrapped module's hooks."""
-        return self._root._run(self._module.forward, params, args, kwargs)
+        """Like calling the patched module, without the module's hooks."""
+        if params is not None:
+            self.fast_params = params
+        self._params_at(None)
+        if self._tasks is None:
+            return self._tree.root.forward(*args, **kwargs)
+        return self._per_task(self._tree.root.forward, args, kwargs)
 
-    # -- reading the wrapped module -----------------------------------------------------------
+    def _per_task(self, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        tree, tasks = self._tree, self._tasks
+        out, _ = tasks.call(
+            tree, fn, self._params_at(None), tree.read_buffers(), args, kwargs, self._compiling
+        )
+        return out
+
+    # -- reading and writing the module ------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
-        # Only reached when normal lookup fails, i.e. for the wrapped module's own names.
-        root = self._owner()
-        if name.startswith("__") or root is None:
-            raise AttributeError(name)  # a dunder, or a lookup while still being constructed
-        module = self.__dict__["_module"]
-        qualified = self._prefix + name
-        tensor = root._current_tensor(qualified)
-        if tensor is not None:
-            return tensor
-        class_attr = getattr(type(module), name, None)
-        if class_attr is not None and class_attr is getattr(_nn.Module, name, None):
-            raise AttributeError(
-                f"a patched module has no {name}(): nn.Module's own methods would act on the "
-                "original module, not on the fast weights. Move or convert the module before "
-                "patching it (monkeypatch(model.to(device)), or pass device=), and save "
-                "adapted weights with state_dict()"
-            )
-        if isinstance(class_attr, property):
-            # A property (a parametrized weight among them) computes from the weights.
-            return root._run(lambda: getattr(module, name), None, (), {})
-        if isinstance(module, _nn.ModuleDict) and name in ("keys", "items", "values"):
-            return getattr(dict(self.named_children()), name)
-        if _inspect.isfunction(class_attr) and name not in module.__dict__:
-            # A method of the module's class. Decided from the class, not by comparing the
-            # bound method's __self__, which Dynamo does not preserve while tracing.
-            def on_fast_weights(*args: Any, **kwargs: Any) -> Any:
-                return root._run(getattr(module, name), None, args, kwargs)
+        # Only reached when normal lookup fails, i.e. for the module's own names.
+        tree = self.__dict__.get("_tree")
+        if name.startswith("__") or tree is None:
+            raise AttributeError(name)
+        _refuse(name)
+        if self._tasks is None:
+            return getattr(tree.root, name)
+        return _batched_attr(self, tree.root, name)
 
-            on_fast_weights.__name__ = name
-            on_fast_weights.__doc__ = class_attr.__doc__
-            return on_fast_weights
-        attr = getattr(module, name)
-        if isinstance(attr, _nn.Module):
-            return self._view(name, attr)
-        return attr
+    def __setattr__(self, name: str, value: Any) -> None:
+        # A parameter name replaces that fast weight, as in higher; the patch's own properties
+        # (fast_params, track_higher_grads, training) set themselves; anything else is set on
+        # the patch's copy of the module, where its forward sees it.
+        if isinstance(getattr(type(self), name, None), property):
+            object.__setattr__(self, name, value)
+        elif name in self._index:
+            params = list(self._params_at(None))
+            params[self._index[name]] = value
+            self.update_params(params)
+        else:
+            setattr(self._tree.root, name, value)
 
-    def _view(self, name: str, submodule: _nn.Module) -> "_PatchedView":
-        if _is_compiling():  # Dynamo cannot build a weak dictionary; identity is moot there
-            return _PatchedView(submodule, self._root, self._prefix + name + ".")
-        # Views are cached weakly: a strong cache (root -> view -> root) would be a reference
-        # cycle keeping every fast weight alive until the cyclic collector happens to run.
-        views = self.__dict__.get("_views")
-        if views is None:
-            views = self.__dict__["_views"] = _weakref.WeakValueDictionary()
-        view = views.get(name)
-        if view is None or view._module is not submodule:
-            view = _PatchedView(submodule, self._root, self._prefix + name + ".")
-            views[name] = view
-        return view
-
-    # Containers (Sequential, ModuleList, ModuleDict) hand out views of their children, never
-    # the children themselves, which would run on the original weights.
-    def named_children(self) -> Iterator[Tuple[str, "_PatchedView"]]:
-        return iter([(n, self._view(n, m)) for n, m in self._module.named_children()])
-
-    def children(self) -> Iterator["_PatchedView"]:
-        return (view for _, view in self.named_children())
-
-    def named_modules(self, prefix: str = "") -> Iterator[Tuple[str, "_MonkeyPatchBase"]]:
-        """``(name, view)`` for this patched module and every submodule, depth first."""
-        yield prefix, self
-        for name, child in self.named_children():
-            yield from child.named_modules(prefix + ("." if prefix else "") + name)
-
-    def modules(self) -> Iterator["_MonkeyPatchBase"]:
-        return (module for _, module in self.named_modules())
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Clear ``.grad`` of the fast weights that are leaves (others never get one)."""
-        for p in self.parameters():
-            if p.is_leaf and p.grad is not None:
-                if set_to_none:
-                    p.grad = None
-                else:
-                    p.grad.zero_()
+    def __delattr__(self, name: str) -> None:
+        delattr(self._tree.root, name)
 
     def __getitem__(self, key: Any) -> Any:
-        item = self._module[key]
-        if not isinstance(item, _nn.Module):
-            return item
-        for name, child in self._module.named_children():
-            if child is item:
-                return self._view(name, child)
-        raise TypeError(
-            f"{type(self._module).__name__}[{key!r}] is not a direct child; slicing a patched "
-            "container is not supported (index its children one by one)"
-        )
+        return self._wrap(self._tree.root[key])
+
+    def __len__(self) -> int:
+        return len(self._tree.root)
+
+    def __iter__(self) -> Iterator[Any]:
+        return (self._wrap(item) for item in iter(self._tree.root))
+
+    def __contains__(self, key: Any) -> bool:
+        return key in self._tree.root
 
     def __bool__(self) -> bool:  # `if fmodel:` must not fall back to __len__
         return True
 
-    def __len__(self) -> int:
-        return len(self._module)
+    def _wrap(self, value: Any) -> Any:
+        """A submodule as the user sees it: the copy itself, or a per-task proxy when batched."""
+        if self._tasks is not None and isinstance(value, _nn.Module):
+            return _BatchedView(value, self)
+        return value
 
-    def __iter__(self) -> Iterator[Any]:
-        if isinstance(self._module, _nn.ModuleDict):
-            return iter(self._module)
-        return self.children()
+    def named_children(self) -> Iterator[Tuple[str, Any]]:
+        return ((n, self._wrap(m)) for n, m in self._tree.root.named_children())
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        # Assigning a parameter name replaces that fast weight, as in higher; anything else is
-        # a plain attribute of the proxy (never registered, never lent to the module).
-        root = self._owner()
-        index = {} if root is None else root._index
-        qualified = self._prefix + name
-        if qualified in index:
-            params = list(root._params_at(None))
-            params[root._index[qualified]] = value
-            root.update_params(params)
-        else:
-            object.__setattr__(self, name, value)
+    def children(self) -> Iterator[Any]:
+        return (m for _, m in self.named_children())
 
-    # -- parameters, buffers, modes -----------------------------------------------------------
+    def named_modules(
+        self, memo: Optional[set] = None, prefix: str = "", remove_duplicate: bool = True
+    ) -> Iterator[Tuple[str, Any]]:
+        """``(name, module)`` for the patched module itself and each of its submodules (the
+        patch's copies, or their per-task proxies with ``num_tasks``)."""
+        yield prefix, self
+        named = self._tree.root.named_modules(memo, prefix, remove_duplicate)
+        next(named)  # the root copy: the patched module stands for it
+        yield from ((n, self._wrap(m)) for n, m in named)
+
+    def modules(self) -> Iterator[Any]:
+        return (m for _, m in self.named_modules())
+
+    def train(self, mode: bool = True) -> "_MonkeyPatchBase":
+        """Set the training flags of the patch's copy of the module (the module's own
+        ``train()`` override runs); the original module's flags are untouched."""
+        self._tree.root.train(mode)
+        return self
+
+    def eval(self) -> "_MonkeyPatchBase":
+        self._tree.root.eval()
+        return self
+
+    @property
+    def training(self) -> bool:
+        return self._tree.root.training
+
+    @training.setter
+    def training(self, mode: bool) -> None:
+        self._tree.root.training = mode
+
+    # -- parameters, buffers, state ------------------------------------------------------------
     def parameters(
         self, recurse: bool = True, time: Optional[int] = None
     ) -> Iterator[_torch.Tensor]:
-        """The fast weights of this (sub)module, in ``module.parameters()`` order.
+        """The fast weights, in ``module.parameters()`` order (tied weights once).
 
         Args:
-            recurse: kept for ``nn.Module`` compatibility; as in higher, ``False`` still
-                yields the weights of all submodules, with a warning.
+            recurse: kept for ``nn.Module`` compatibility; as in higher, the fast weights of
+                all submodules are yielded either way.
             time: which step's weights: ``None`` (or -1) for the latest, ``k`` for the weights
                 after ``k`` updates (0: the initial ones).
 
@@ -220,7 +236,7 @@ class _MonkeyPatchBase:
             ValueError: ``time`` names a past step while not tracking higher-order gradients,
                 or an unknown step; or the patched module has no fast weights yet.
         """
-        return (p for _, p in self.named_parameters(recurse=recurse, time=time))
+        return iter(self._params_at(time))
 
     def named_parameters(
         self,
@@ -229,57 +245,22 @@ class _MonkeyPatchBase:
         remove_duplicate: bool = True,
         time: Optional[int] = None,
     ) -> Iterator[Tuple[str, _torch.Tensor]]:
-        """``(name, fast weight)`` pairs, names relative to this (sub)module."""
-        if not recurse:
-            _warnings.warn(
-                "parameters(recurse=False) on a patched module still yields the fast weights "
-                "of all its submodules",
-                stacklevel=2,
-            )
-        params = self._root._params_at(time)
-        return self._own_named(self._root._plan.param_names, params, prefix)
-
-    def buffers(self, recurse: bool = True) -> Iterator[_torch.Tensor]:
-        """The patched module's own copies of the buffers, in ``module.buffers()`` order."""
-        return (b for _, b in self.named_buffers())
+        """``(name, fast weight)`` pairs (see ``parameters``)."""
+        dot = "." if prefix else ""
+        return zip([prefix + dot + n for n in self._tree.param_names], self._params_at(time))
 
     def named_buffers(
         self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
     ) -> Iterator[Tuple[str, _torch.Tensor]]:
-        """``(name, buffer)`` pairs of the patched module's own buffer copies."""
-        return self._own_named(self._root._plan.buffer_names, self._root._buffers_list, prefix)
+        """``(name, buffer)`` pairs of the patch's own buffers (copies of the module's)."""
+        tree = self._tree
+        if tree.buffers_as_attributes:
+            dot = "." if prefix else ""
+            return zip([prefix + dot + n for n in tree.buffer_names], tree.read_buffers())
+        return tree.root.named_buffers(prefix, recurse, remove_duplicate)
 
-    def _own_named(self, names, tensors, prefix):
-        start = self._prefix
-        return iter(
-            [
-                (prefix + ("." if prefix else "") + name[len(start) :], tensor)
-                for name, tensor in zip(names, tensors)
-                if name.startswith(start)
-            ]
-        )
-
-    def train(self, mode: bool = True) -> "_MonkeyPatchBase":
-        """Set the training flag of the wrapped (sub)module and its children, for this patched
-        module only: the original module's flags are untouched."""
-        if not isinstance(mode, bool):
-            raise ValueError(f"training mode is expected to be boolean, got {type(mode).__name__}")
-        root = self._root
-        for m in self._module.modules():
-            root._modes[root._module_index[id(m)]] = mode
-        return self
-
-    def eval(self) -> "_MonkeyPatchBase":
-        return self.train(False)
-
-    @property
-    def training(self) -> bool:
-        root = self._root
-        return root._modes[root._module_index[id(self._module)]]
-
-    @training.setter
-    def training(self, mode: bool) -> None:
-        self.train(mode)
+    def buffers(self, recurse: bool = True) -> Iterator[_torch.Tensor]:
+        return (b for _, b in self.named_buffers(recurse=recurse))
 
     def state_dict(
         self,
@@ -288,10 +269,9 @@ class _MonkeyPatchBase:
         keep_vars: bool = False,
         task: Optional[int] = None,
         **kwargs: Any,
-    ):
-        """The wrapped module's ``state_dict`` with the fast weights and buffer copies in place
-        of its own tensors: it loads into the original module's class (to save an adapted
-        model).
+    ) -> Dict[str, Any]:
+        """The module's ``state_dict`` with the fast weights and the patch's buffers: it loads
+        into the original module's class (to save an adapted model).
 
         Args:
             prefix, keep_vars: as in ``nn.Module.state_dict``.
@@ -305,66 +285,39 @@ class _MonkeyPatchBase:
             raise TypeError(
                 "state_dict() of a patched module takes only prefix=, keep_vars= and task="
             )
-        root = self._root
-        if (task is None) != (root.num_tasks is None):
+        if (task is None) != (self._tasks is None):
             raise ValueError(
                 "state_dict(task=t) selects one task of a batched patched module; it is "
                 "required with num_tasks and meaningless without"
             )
-        if task is not None and not 0 <= task < root.num_tasks:
-            raise ValueError(f"task {task} is out of range for num_tasks={root.num_tasks}")
-        current = {id(p): q for p, q in zip(root._plan.params, root._params_at(None))}
-        current.update({id(b): c for b, c in zip(root._plan.buffers, root._buffers_list)})
-        with root._plan.locked():  # another thread may be lending into the module right now
-            state = self._module.state_dict(prefix=prefix, keep_vars=True)
+        if task is not None and not 0 <= task < self._tasks.size:
+            raise ValueError(f"task {task} is out of range for num_tasks={self._tasks.size}")
+        tree = self._tree
+        state = tree.root.state_dict(prefix=prefix, keep_vars=True)
+        if tree.buffers_as_attributes:  # in the order of the module's own state_dict
+            state.update(zip([prefix + n for n in tree.buffer_names], tree.read_buffers()))
+            order = self._module.state_dict(prefix=prefix, keep_vars=True)
+            state = type(state)((k, state[k]) for k in order if k in state)
         for key, tensor in state.items():
-            if id(tensor) in current:
-                tensor = current[id(tensor)]
+            if isinstance(tensor, _torch.Tensor):
                 tensor = tensor if task is None else tensor[task]
-            state[key] = tensor if keep_vars else tensor.detach()
+                state[key] = tensor if keep_vars else tensor.detach()
         return state
 
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self._module!r})"
+    def get_parameter(self, target: str) -> _torch.Tensor:
+        """The current fast weight called ``target`` (any of a tied weight's names)."""
+        if target not in self._index:
+            raise AttributeError(f"{type(self._module).__name__} has no parameter {target!r}")
+        return self._params_at(None)[self._index[target]]
 
-    def __dir__(self):
-        return sorted(set(object.__dir__(self)) | set(dir(self._module)))
-
-
-class _PatchedView(_MonkeyPatchBase):
-    """A submodule of a patched module, called on the root's current fast weights."""
-
-    def __init__(self, module: _nn.Module, root: "_PatchedModule", prefix: str) -> None:
-        self._setup(module, prefix)
-        object.__setattr__(self, "_root", root)
-
-
-class _PatchedModule(_MonkeyPatchBase):
-    """The root patched module: owns the fast weights, buffer copies and training flags."""
-
-    def __init__(
-        self,
-        module: _nn.Module,
-        num_tasks: Optional[int] = None,
-        device: Optional[_torch.device] = None,
-    ) -> None:
-        self._setup(module, "")
-        plan = _SlotPlan(module)
-        self._plan = plan
-        self._tasks = None if num_tasks is None else _TaskBatch(num_tasks, module)
-        self._index = {name: i for i, name in enumerate(plan.param_names)}
-        self._buffer_index = {name: i for i, name in enumerate(plan.buffer_names)}
-        self._shapes = [self._stack_shape(p.shape) for p in plan.params]
-        self._device = None if device is None else _torch.device(device)
-        self._buffers_list: List[_torch.Tensor] = [self.stack(b.detach()) for b in plan.buffers]
-        self._modes: List[bool] = [m.training for m in plan.modules]
-        self._module_index = {id(m): i for i, m in enumerate(plan.modules)}
-        self._fast_params: Optional[List[List[_torch.Tensor]]] = None
-        self._track_higher_grads = True
-
-    @property
-    def _root(self) -> "_PatchedModule":
-        return self  # a property, not an attribute: an attribute would be a reference cycle
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear ``.grad`` of the fast weights that are leaves (others never get one)."""
+        for p in self.parameters():
+            if p.is_leaf and p.grad is not None:
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.zero_()
 
     # -- tasks ---------------------------------------------------------------------------------
     @property
@@ -375,8 +328,8 @@ class _PatchedModule(_MonkeyPatchBase):
     def _stack_shape(self, shape: _torch.Size) -> _torch.Size:
         return shape if self._tasks is None else _torch.Size((self._tasks.size, *shape))
 
-    def stack(self, tensor: _torch.Tensor) -> _torch.Tensor:
-        """``tensor`` repeated once per task (a real copy), or itself when not batched."""
+    def _stack(self, tensor: _torch.Tensor) -> _torch.Tensor:
+        """``tensor`` repeated once per task (a real copy), or a copy of it when not batched."""
         return tensor.clone() if self._tasks is None else self._tasks.stack(tensor)
 
     # -- fast weights --------------------------------------------------------------------------
@@ -389,9 +342,10 @@ class _PatchedModule(_MonkeyPatchBase):
     def fast_params(self, value: _Params) -> None:
         value = self._as_param_list(value)
         if self._fast_params is None or not self._track_higher_grads:
-            self.__dict__["_fast_params"] = [value]  # skips __setattr__'s name lookup
+            self.__dict__["_fast_params"] = [value]
         else:
             self._fast_params.append(value)
+        self._tree.write_params(value)
 
     @property
     def init_fast_params(self) -> List[_torch.Tensor]:
@@ -423,7 +377,7 @@ class _PatchedModule(_MonkeyPatchBase):
     def track_higher_grads(self, value: bool) -> None:
         if not isinstance(value, bool):
             raise ValueError(f"track_higher_grads must be a bool, got {type(value).__name__}")
-        self._track_higher_grads = value
+        self.__dict__["_track_higher_grads"] = value
 
     def _params_at(self, time: Optional[int]) -> List[_torch.Tensor]:
         if self._fast_params is None:
@@ -447,7 +401,7 @@ class _PatchedModule(_MonkeyPatchBase):
             ) from None
 
     def _as_param_list(self, params: _Params) -> List[_torch.Tensor]:
-        names = self._plan.param_names
+        names = self._tree.param_names
         if isinstance(params, Mapping):
             unknown = [k for k in params if k not in self._index]
             missing = [k for k in names if k not in params]
@@ -466,7 +420,7 @@ class _PatchedModule(_MonkeyPatchBase):
                 f"expected {len(names)} parameters (one per distinct parameter of the module, "
                 f"tied weights once), got {len(params)}"
             )
-        for name, p, shape, original in zip(names, params, self._shapes, self._plan.params):
+        for name, p, shape, original in zip(names, params, self._shapes, self._tree.params):
             if not isinstance(p, _torch.Tensor):
                 raise TypeError(f"parameter {name!r} must be a tensor, got {type(p).__name__}")
             if p.shape != shape:
@@ -484,29 +438,6 @@ class _PatchedModule(_MonkeyPatchBase):
                 raise ValueError(f"parameter {name!r} is on {p.device}, expected {device}")
         return params
 
-    def _current_tensor(self, name: str) -> Optional[_torch.Tensor]:
-        i = self._index.get(name)
-        if i is not None:
-            return self._params_at(None)[i]
-        i = self._buffer_index.get(name)
-        if i is not None:
-            return self._buffers_list[i]
-        return None
-
-    def _run(
-        self, fn: Callable[..., Any], params: Optional[_Params], args: tuple, kwargs: dict
-    ) -> Any:
-        if params is not None:
-            self.fast_params = params
-        current = self._params_at(None)
-        if self._tasks is None:
-            return self._plan.call(fn, current, self._buffers_list, self._modes, args, kwargs)
-        out, buffers = self._tasks.call(
-            self._plan, fn, current, self._buffers_list, self._modes, args, kwargs
-        )
-        self.__dict__["_buffers_list"] = buffers
-        return out
-
     def __repr__(self) -> str:
         steps = (
             "no fast weights"
@@ -514,6 +445,111 @@ class _PatchedModule(_MonkeyPatchBase):
             else (f"{len(self._fast_params)} fast weight step(s) kept")
         )
         return f"MonkeyPatched({self._module!r}) [{steps}]"
+
+    def __dir__(self) -> List[str]:
+        return sorted(set(object.__dir__(self)) | set(dir(self._tree.root)))
+
+
+def _refuse(name: str) -> None:
+    if name in _REFUSED:
+        raise AttributeError(
+            f"a patched module has no {name}(): it would convert or overwrite the fast weights "
+            "in place, cutting them off the graph. Move or convert the module before patching "
+            "it (monkeypatch(model.to(device)), or pass device=), replace fast weights with "
+            "update_params(), and save adapted weights with state_dict()"
+        )
+
+
+def _batched_attr(patch: _MonkeyPatchBase, module: _nn.Module, name: str) -> Any:
+    """Attribute ``name`` of ``module`` (one of a batched patch's copies) as the user sees it:
+    methods and properties computed from the weights run once per task."""
+    class_attr = getattr(type(module), name, None)
+    if isinstance(class_attr, property):
+        return patch._per_task(lambda: getattr(module, name), (), {})
+    own_method = (
+        _inspect.isfunction(class_attr)
+        and name not in module.__dict__
+        and class_attr is not getattr(_nn.Module, name, None)
+    )
+    if own_method:
+        if _inspect.isgeneratorfunction(class_attr):
+            raise TypeError(
+                f"{type(module).__name__}.{name} is a generator: it would run after the call "
+                "that lends each task its weights; with num_tasks, call a method that returns "
+                "its results instead"
+            )
+
+        def per_task(*args: Any, **kwargs: Any) -> Any:
+            return patch._per_task(getattr(module, name), args, kwargs)
+
+        per_task.__name__ = name
+        per_task.__doc__ = class_attr.__doc__
+        return per_task
+    return patch._wrap(getattr(module, name))
+
+
+class _BatchedView:
+    """A submodule of a batched patched module: calls and methods run once per task on that
+    task's weights; attributes read the stacked ``[num_tasks, ...]`` tensors.
+
+    ``isinstance(view, ModuleClass)`` holds (it reports its module's class), so loops such as
+    ``for m in fmodel.modules(): if isinstance(m, nn.Dropout): m.eval()`` work batched too.
+    """
+
+    def __init__(self, module: _nn.Module, patch: _MonkeyPatchBase) -> None:
+        object.__setattr__(self, "_module", module)
+        object.__setattr__(self, "_patch", patch)
+
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:
+        return type(self._module)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._patch._per_task(self._module, args, kwargs)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self._patch._per_task(self._module.forward, args, kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        _refuse(name)
+        return _batched_attr(self._patch, self._module, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._module, name, value)
+
+    def __getitem__(self, key: Any) -> Any:
+        return self._patch._wrap(self._module[key])
+
+    def __len__(self) -> int:
+        return len(self._module)
+
+    def __iter__(self) -> Iterator[Any]:
+        return (self._patch._wrap(item) for item in iter(self._module))
+
+    def named_children(self) -> Iterator[Tuple[str, Any]]:
+        return ((n, self._patch._wrap(m)) for n, m in self._module.named_children())
+
+    def children(self) -> Iterator[Any]:
+        return (m for _, m in self.named_children())
+
+    def named_modules(self, *args: Any, **kwargs: Any) -> Iterator[Tuple[str, Any]]:
+        return ((n, self._patch._wrap(m)) for n, m in self._module.named_modules(*args, **kwargs))
+
+    def modules(self) -> Iterator[Any]:
+        return (m for _, m in self.named_modules())
+
+    def train(self, mode: bool = True) -> "_BatchedView":
+        self._module.train(mode)
+        return self
+
+    def eval(self) -> "_BatchedView":
+        self._module.eval()
+        return self
+
+    def __repr__(self) -> str:
+        return f"PerTask({self._module!r})"
 
 
 def _same_device(a: _torch.device, b: _torch.device) -> bool:
@@ -526,6 +562,7 @@ def make_functional(
     encapsulator: _EncapsulatorType = None,
     num_tasks: Optional[int] = None,
     device: Optional[_torch.device] = None,
+    randomness: str = "different",
 ) -> _MonkeyPatchBase:
     """A patched module without fast weights: every call must pass ``params=``.
 
@@ -533,7 +570,7 @@ def make_functional(
         module: the module to wrap; it is never modified.
         encapsulator: optional ``f(fmodule, module)`` run once on the new patched module, e.g.
             to give it initial fast weights with ``fmodule.update_params``.
-        num_tasks: see ``monkeypatch``.
+        num_tasks, randomness: see ``monkeypatch``.
         device: the device fast weights must be on (default: the module's).
 
     Returns:
@@ -548,7 +585,7 @@ def make_functional(
         )
     if not isinstance(module, _nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(module).__name__}")
-    fmodule = _PatchedModule(module, num_tasks, device)
+    fmodule = _MonkeyPatchBase(module, num_tasks, device, randomness)
     if encapsulator is not None:
         encapsulator(fmodule, module)
     return fmodule
@@ -557,20 +594,22 @@ def make_functional(
 def buffer_sync(
     module: _nn.Module, fmodule: _MonkeyPatchBase, device: Optional[_torch.device] = None
 ) -> None:
-    """Overwrite ``fmodule``'s buffer copies with fresh copies of ``module``'s buffers.
+    """Overwrite ``fmodule``'s buffers with fresh copies of ``module``'s buffers.
 
     Raises:
         KeyError: ``module`` has a buffer the patched module does not know.
     """
-    root = fmodule._root
-    with root._plan.locked():  # read the module's own buffers, not ones lent by a thread
-        named = list(module.named_buffers())
-    for name, buffer in named:
-        name = fmodule._prefix + name
-        if name not in root._buffer_index:
+    if not isinstance(fmodule, _MonkeyPatchBase):
+        raise TypeError(f"expected a patched module, got {type(fmodule).__name__}")
+    tree = fmodule._tree
+    buffers = tree.read_buffers()
+    index = {name: i for i, name in enumerate(tree.buffer_names)}
+    for name, buffer in module.named_buffers():
+        if name not in index:
             raise KeyError(f"buffer {name!r} is not a buffer of the patched module")
-        copy = root.stack(buffer.detach())
-        root._buffers_list[root._buffer_index[name]] = copy if device is None else copy.to(device)
+        copy = fmodule._stack(buffer.detach())
+        buffers[index[name]] = copy if device is None else copy.to(device)
+    tree.write_buffers(buffers)
 
 
 def monkeypatch(
@@ -579,6 +618,7 @@ def monkeypatch(
     copy_initial_weights: bool = True,
     track_higher_grads: bool = True,
     num_tasks: Optional[int] = None,
+    randomness: str = "different",
 ) -> _MonkeyPatchBase:
     """Wrap ``module`` so that it runs on fast weights that optimizers can update differentiably.
 
@@ -595,11 +635,15 @@ def monkeypatch(
         num_tasks: if given, run ``num_tasks`` independent copies at once: the fast weights
             and buffers are stacked ``[num_tasks, *shape]`` and every call is vmapped over the
             leading dim of its positional inputs (``in_dims=`` on a call marks inputs shared
-            by all tasks, as in ``torch.vmap``). The initial weights are one tensor expanded,
-            so meta-gradients of all tasks sum into ``module``'s parameters. Modules without
-            vmap batching rules (RNN/LSTM/GRU and their cells, BatchNorm with
-            ``momentum=None``) run a Python loop over the tasks instead, with a one-time
-            ``BatchingFallbackWarning``.
+            by all tasks, as in ``torch.vmap``; tensors passed by keyword are refused, since
+            whether they are per task would be a guess). Each task's initial weights are a
+            copy made inside the graph, so meta-gradients of all tasks sum into ``module``'s
+            parameters. Modules without vmap batching rules (RNN/LSTM/GRU and their cells,
+            BatchNorm with ``momentum=None``) run a Python loop over the tasks instead, with a
+            one-time ``BatchingFallbackWarning``.
+        randomness: with ``num_tasks``, how random ops (dropout) draw across tasks, with
+            ``torch.vmap``'s meanings: ``"different"`` (the default: each task its own mask,
+            as a loop over tasks does), ``"same"`` or ``"error"``.
 
     Returns:
         The patched module (a ``_MonkeyPatchBase``); call it like ``module``, optionally with
@@ -610,32 +654,30 @@ def monkeypatch(
             ``num_tasks`` is not a positive int.
 
     Example (batched):
+        >>> model = torch.nn.Linear(3, 1)
         >>> fmodel = monkeypatch(model, copy_initial_weights=False, num_tasks=4)
-        >>> fmodel(torch.randn(4, 10, 1)).shape  # one batch of 10 inputs per task
+        >>> fmodel(torch.randn(4, 10, 3)).shape  # one batch of 10 inputs per task
         torch.Size([4, 10, 1])
     """
 
     def encapsulator(fmodule: _MonkeyPatchBase, module: _nn.Module) -> None:
-        # The module's own parameters as resolved at patch time (under the lending lock), not
-        # module.parameters(), which may hold another thread's lent fast weights right now.
-        originals = fmodule._root._plan.params
+        originals = fmodule._tree.params
         if copy_initial_weights:
-            params = [fmodule.stack(p.detach()).requires_grad_(p.requires_grad) for p in originals]
-        elif num_tasks is None:
-            params = [p.clone() for p in originals]
+            params = [fmodule._stack(p.detach()).requires_grad_(p.requires_grad) for p in originals]
         else:
-            # A view, not a copy: the gradient of every task's weights flows back into p.
-            params = [p.expand(num_tasks, *p.shape) for p in originals]
+            # A copy on the tape: gradients flow back into p, and an in-place write in a
+            # forward (weight clipping) never reaches p or another task's weights.
+            params = [fmodule._stack(p) for p in originals]
         if device is not None:
             params = [p.to(device) for p in params]
-        buffer_sync(module, fmodule, device)
         fmodule.update_params(params)
 
-    fmodule = make_functional(module, encapsulator=encapsulator, num_tasks=num_tasks, device=device)
+    fmodule = make_functional(
+        module, encapsulator=encapsulator, num_tasks=num_tasks, device=device, randomness=randomness
+    )
     fmodule.track_higher_grads = track_higher_grads
     return fmodule
 
 
 # Keep `higher.patch`'s type names importable for code that annotates with them.
 _BufferType = Dict[str, Optional[_torch.Tensor]]
-del _typing

@@ -4,6 +4,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
+from zoo import (
+    RECURRENT,
+    ZOO,
+    assert_module_unchanged,
+    assert_trees_close,
+    scalar_loss,
+    snapshot,
+)
 
 import higher_func
 
@@ -196,3 +204,49 @@ def test_eval_mode_of_a_patched_module_inside_a_compiled_function():
     eager = evaluate(x)
     torch.testing.assert_close(higher_func.compile(evaluate, backend="aot_eager")(x), eager)
     assert net.training and net.encoder[1].training  # the original's flags are untouched
+
+
+# ---------------------------------------------------------------------------------------------
+# One contract for eager and compiled calls, over the model zoo.
+# ---------------------------------------------------------------------------------------------
+
+# Dynamo cannot trace the recurrent modules' flat-weight handling (issue tracked separately).
+_ZOO_COMPILED = [name for name in ZOO if name not in RECURRENT]
+# Forward-set state, tied weights and parameter containers run in the default suite; the rest
+# of the zoo in nox.
+_ZOO_FAST = {"ema_norm", "parameter_containers", "tied"}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [n if n in _ZOO_FAST else pytest.param(n, marks=pytest.mark.slow) for n in _ZOO_COMPILED],
+)
+def test_compiled_inner_loop_equals_eager_over_the_zoo(name):
+    torch._dynamo.reset()
+    case = ZOO[name]()
+    opt = torch.optim.SGD(case.model.parameters(), lr=0.01)
+
+    def inner_loop(*inputs):
+        with higher_func.innerloop_ctx(case.model, opt, copy_initial_weights=False) as (
+            fmodel,
+            diffopt,
+        ):
+            for _ in range(2):
+                diffopt.step(scalar_loss(fmodel(*inputs)))
+            out = fmodel(*inputs)
+            state = dict(fmodel.state_dict(keep_vars=True))
+            left = getattr(fmodel, "last_hidden", None)  # set by the forward (ema_norm)
+            return scalar_loss(out), out, state, left
+
+    before = snapshot(case.model)
+    eager = inner_loop(*case.inputs)
+    compiled = higher_func.compile(inner_loop, backend="aot_eager")(*case.inputs)
+    assert_module_unchanged(case.model, before)
+    assert_trees_close(compiled[1:], eager[1:], atol=1e-9, rtol=1e-7)
+    trainable_params = [p for p in case.model.parameters() if p.requires_grad]
+    expected = torch.autograd.grad(eager[0], trainable_params)
+    # Relative to the largest meta-gradient: a weight whose true gradient is 0 (a bias before
+    # BatchNorm) carries rounding noise of the others' size.
+    scale = max(g.abs().max().item() for g in expected)
+    got = torch.autograd.grad(compiled[0], trainable_params)
+    assert_trees_close(got, expected, atol=1e-10 * scale, rtol=1e-7)

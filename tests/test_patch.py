@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 from zoo import (
+    HIGHER_TWINS,
     RECURRENT,
     WITH_BATCHNORM,
     ZOO,
@@ -47,7 +48,7 @@ TOLERANCE = {
 
 def _pair(name, dtype=torch.float64, **kwargs):
     """The same zoo model patched by higher_func and by higher, each with its own module."""
-    ours, theirs = ZOO[name](dtype), ZOO[name](dtype)
+    ours, theirs = ZOO[name](dtype), HIGHER_TWINS.get(name, ZOO[name])(dtype)
     return (
         ours,
         hf_patch.monkeypatch(ours.model, **kwargs),

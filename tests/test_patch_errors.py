@@ -131,8 +131,13 @@ def test_rejected_params_change_nothing(mlp):
     assert_module_unchanged(mlp.model, before)
 
 
-@pytest.mark.parametrize("method", ["to", "cuda", "double", "apply", "load_state_dict"])
-def test_module_methods_that_would_act_on_the_original_are_refused(method):
-    fmodel = hf_patch.monkeypatch(torch.nn.Linear(2, 3))
-    with pytest.raises(AttributeError, match=rf"no {method}\(\).*original module"):
+@pytest.mark.parametrize("num_tasks", [None, 2])
+@pytest.mark.parametrize("method", ["to", "cuda", "double", "half", "load_state_dict", "_apply"])
+def test_module_methods_that_would_overwrite_fast_weights_are_refused(method, num_tasks):
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3))
+    fmodel = hf_patch.monkeypatch(model, num_tasks=num_tasks)
+    with pytest.raises(AttributeError, match=rf"no {method}\(\).*fast weights"):
         getattr(fmodel, method)
+    if num_tasks is not None:  # per-task proxies of submodules refuse them too
+        with pytest.raises(AttributeError, match=rf"no {method}\(\).*fast weights"):
+            getattr(fmodel[0], method)

@@ -18,8 +18,8 @@ import contextlib
 import copy
 import gc
 import re
-import sys
 import threading
+import types
 import weakref
 
 import pytest
@@ -46,15 +46,6 @@ from higher_func.optim import _opt_mapping
 # How long a deliberately paused call waits for the other thread before giving up. A correct
 # lock makes the other thread wait, so every such test spends this long once.
 PAUSE_S = 0.3
-
-
-@pytest.fixture
-def fast_thread_switching():
-    """Switch threads every microsecond, so that concurrent calls interleave finely."""
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    yield
-    sys.setswitchinterval(interval)
 
 
 def _history(fmodel) -> list[list[torch.Tensor]]:
@@ -148,15 +139,26 @@ def test_threads_with_their_own_views_of_one_module(name, fast_thread_switching)
 
 
 class Checkpoint(nn.Module):
-    """An identity layer that calls ``self.hook`` if set: a place to pause a forward."""
+    """An identity layer that calls ``self.gate.hook`` if set: a place to pause a forward.
+
+    The hook lives in an object the layer shares with every patched copy of it, so a test can
+    set it after patching."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.hook = None
+        self.gate = types.SimpleNamespace(hook=None)
+
+    @property
+    def hook(self):
+        return self.gate.hook
+
+    @hook.setter
+    def hook(self, value):
+        self.gate.hook = value
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.hook is not None:
-            self.hook()
+        if self.gate.hook is not None:
+            self.gate.hook()
         return x
 
 
@@ -470,12 +472,12 @@ def _faulty_step(fault, model, fmodel, diffopt, x, y, num_tasks):
     """One step that must raise because of ``fault``."""
     loss = _loss
     if fault == "forward":
-        model.fail = True
+        fmodel.fail = True  # set on the patch's copy, where its forward reads it
         try:
             with pytest.raises(RuntimeError, match="injected"):
                 diffopt.step(loss(fmodel(x), y, num_tasks))
         finally:
-            model.fail = False
+            fmodel.fail = False
     elif fault == "loss":
         with pytest.raises(RuntimeError):
             diffopt.step(loss(fmodel(x), y[..., :1, :1].expand(*y.shape[:-2], 5, 2), num_tasks))
@@ -494,7 +496,7 @@ def _faulty_step(fault, model, fmodel, diffopt, x, y, num_tasks):
         with pytest.raises(RuntimeError):
             diffopt.step(loss(fmodel(x), y, num_tasks), override={"lr": [0.1, meta_lr]})
     elif fault == "keyboard_interrupt_in_forward_hook":
-        handle = model.head.register_forward_hook(_raise_interrupt)
+        handle = fmodel.head.register_forward_hook(_raise_interrupt)
         try:
             with pytest.raises(KeyboardInterrupt):
                 diffopt.step(loss(fmodel(x), y, num_tasks))

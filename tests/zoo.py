@@ -157,6 +157,58 @@ class Containers(nn.Module):
         return self.heads["a"](x) * self.heads["b"](x)
 
 
+class EMANorm(nn.Module):
+    """Reassigns a buffer in forward (``self.ema = ...``) and keeps the last hidden activation
+    as a plain attribute (``self.last_hidden = h``): state a forward leaves on its module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 5)
+        self.head = nn.Linear(5, 2)
+        self.register_buffer("ema", torch.zeros(5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.fc(x))
+        self.last_hidden = h
+        if self.training:  # like BatchNorm: training updates the statistic, eval uses it
+            self.ema = 0.9 * self.ema + 0.1 * h.mean(dim=0).detach()
+            return self.head(h)
+        return self.head(h - self.ema)
+
+
+class ParameterContainers(nn.Module):
+    """Weights held in a ParameterList and a ParameterDict, read by index, key and iteration."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scales = nn.ParameterList([nn.Parameter(torch.randn(4)) for _ in range(2)])
+        self.shifts = nn.ParameterDict({"a": nn.Parameter(torch.randn(4))})
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for scale in self.scales:
+            x = torch.tanh(x * scale)
+        return self.head(x + self.shifts["a"] + sum(self.shifts.values()))
+
+
+class FlatParameters(nn.Module):
+    """``ParameterContainers`` with its weights as plain parameters, in the same order: the
+    higher oracle's twin, since higher 0.2.1 reads ParameterList/ParameterDict entries from
+    the original module instead of the fast weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale0 = nn.Parameter(torch.randn(4))
+        self.scale1 = nn.Parameter(torch.randn(4))
+        self.shift = nn.Parameter(torch.randn(4))
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for scale in (self.scale0, self.scale1):
+            x = torch.tanh(x * scale)
+        return self.head(x + 2 * self.shift)
+
+
 # ---------------------------------------------------------------------------------------------
 # Factories.
 # ---------------------------------------------------------------------------------------------
@@ -292,6 +344,27 @@ def _containers(dtype):
     return Case("", model, (x,), (_one_more_feature(x),))
 
 
+def _ema_norm(dtype):
+    model = EMANorm().to(dtype)
+    x = _randn(5, 4, dtype=dtype)
+    return Case("", model, (x,), (_one_more_feature(x),))
+
+
+def _parameter_containers(dtype):
+    model = ParameterContainers().to(dtype)
+    x = _randn(5, 4, dtype=dtype)
+    return Case("", model, (x,), (_one_more_feature(x),))
+
+
+def _flat_parameters(dtype):
+    case = _parameter_containers(dtype)
+    twin = FlatParameters().to(dtype)
+    with torch.no_grad():
+        for mine, theirs in zip(twin.parameters(), case.model.parameters()):
+            mine.copy_(theirs)
+    return Case("", twin, case.inputs, case.bad_inputs)
+
+
 def _factory(name: str, seed: int, make: Callable[[torch.dtype], Case]):
     def factory(dtype: torch.dtype = torch.float64) -> Case:
         return _build(name, seed, dtype, make)
@@ -317,12 +390,22 @@ _MAKERS = {
     "encoder_embed": _encoder_embed,
     "layernorm_embedding": _layernorm_embedding,
     "containers": _containers,
+    "ema_norm": _ema_norm,
+    "parameter_containers": _parameter_containers,
 }
 
 ZOO: dict[str, Callable[..., Case]] = {
     name: _factory(name, seed, make) for seed, (name, make) in enumerate(_MAKERS.items())
 }
 """Every zoo model by name: ``ZOO[name](dtype=torch.float64) -> Case``."""
+
+HIGHER_TWINS: dict[str, Callable[..., Case]] = {
+    "parameter_containers": _factory(
+        "parameter_containers", list(_MAKERS).index("parameter_containers"), _flat_parameters
+    ),
+}
+"""Where higher 0.2.1 computes a zoo model wrongly, an equivalent model (same parameters in
+the same order, same function) to run higher on instead."""
 
 WITH_BATCHNORM = ("conv_bn", "none_bias")
 RECURRENT = ("lstm", "gru", "rnn", "lstm_cell", "gru_cell", "rnn_cell")
@@ -396,13 +479,16 @@ class ModuleSnapshot:
     values: dict[str, torch.Tensor]
     requires_grad: dict[str, bool]
     flat_weights: dict[str, list[Any]]
+    attributes: dict[str, dict[str, Any]]
 
 
 def snapshot(module: nn.Module) -> ModuleSnapshot:
     """Everything about ``module`` that patching or calling a patched module must not change."""
     classes, training, slots, values, requires_grad, flat_weights = {}, {}, {}, {}, {}, {}
+    attributes = {}
     for prefix, sub in module.named_modules(remove_duplicate=False):
         classes[prefix] = type(sub)
+        attributes[prefix] = dict(sub.__dict__)  # by identity: nothing set, replaced or removed
         training[prefix] = sub.training
         for kind in ("_parameters", "_buffers"):
             for name, tensor in getattr(sub, kind).items():
@@ -413,13 +499,22 @@ def snapshot(module: nn.Module) -> ModuleSnapshot:
                     requires_grad[key] = tensor.requires_grad
         if hasattr(sub, "_flat_weights"):
             flat_weights[prefix] = list(sub._flat_weights)
-    return ModuleSnapshot(classes, training, slots, values, requires_grad, flat_weights)
+    return ModuleSnapshot(classes, training, slots, values, requires_grad, flat_weights, attributes)
 
 
-def assert_module_unchanged(module: nn.Module, before: ModuleSnapshot) -> None:
-    """Assert the module holds the very same tensor objects, values, modes and class as before."""
+def assert_module_unchanged(
+    module: nn.Module, before: ModuleSnapshot, meta_gradients: bool = False
+) -> None:
+    """Assert the module holds the very same tensor objects, values, modes and class as before.
+
+    ``meta_gradients=True`` allows ``.grad`` to be written (by a meta-backward)."""
     after = snapshot(module)
     assert after.classes == before.classes, "a submodule's class changed"
+    for prefix, attributes in before.attributes.items():
+        now = after.attributes[prefix]
+        assert now.keys() == attributes.keys(), f"attributes of {prefix!r} added or removed"
+        for key, value in attributes.items():
+            assert now[key] is value, f"attribute {prefix!r}.{key} was replaced"
     assert after.training == before.training, "a submodule's training mode changed"
     assert after.slots.keys() == before.slots.keys(), "parameter or buffer slots were added/removed"
     for key, slot in before.slots.items():
@@ -437,7 +532,7 @@ def assert_module_unchanged(module: nn.Module, before: ModuleSnapshot) -> None:
                 assert weight is getattr(sub, name), f"{prefix}._flat_weights[{name}] not restored"
                 assert weight is old, f"{prefix}._flat_weights[{name}] replaced"
     for name, p in module.named_parameters():
-        assert p.grad is None, f"{name}.grad was written"
+        assert meta_gradients or p.grad is None, f"{name}.grad was written"
 
 
 def assert_same_objects(after, before, what):

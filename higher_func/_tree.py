@@ -1,0 +1,200 @@
+"""A patch's own module tree: shallow copies of the user's modules that hold the fast weights.
+
+Every distinct submodule of the user's module is copied once per patch, shallowly: the copy
+is an instance of the same class that shares the user's code, hooks, configuration and
+non-tensor attributes, but owns nn.Module's bookkeeping containers (parameter, buffer and
+child dictionaries, hook dictionaries) and its training flag. The fast weights are written
+into the copies' parameter slots, so a call is the user's own forward on the copy: nothing is
+lent into the user's module, not even for the length of a call, and no lock is needed.
+
+What a forward writes (``self.last = h``, a reassigned buffer, ``module.weight`` computed by a
+weight-norm hook, a flag flipped by a ``train()`` override) lands on the copy, as it would on a
+plain module holding the fast weights.
+
+Under ``torch.compile`` the copies are built inside the traced function (Dynamo traces
+``object.__new__`` and dictionary copies). One difference there: buffers live as plain
+attributes of the copies, not in their ``_buffers``, because Dynamo cannot trace
+``nn.Module.__setattr__``'s buffer branch on a module created in the graph, and a forward may
+reassign a buffer (``self.ema = 0.9 * self.ema + ...``).
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import types
+from typing import Any, Callable, Dict, Iterator, List, Sequence, Tuple
+
+import torch
+import torch.utils.checkpoint
+from torch import nn
+
+is_compiling: Callable[[], bool] = getattr(torch.compiler, "is_compiling", lambda: False)
+
+# nn.Module's own bookkeeping containers (parameters, buffers, children, hooks, the set of
+# non-persistent buffers): each copy gets its own, so nothing done to a copy reaches the
+# user's module. Everything else in a module's __dict__ is shared with the original.
+_BOOKKEEPING = frozenset(
+    key for key, value in nn.Module().__dict__.items() if isinstance(value, (dict, set))
+)
+
+_Slot = Tuple[Dict[str, Any], str, int]  # (the dict holding it, key, index among distinct)
+
+_CHECKPOINT_HOOKS = ("_checkpoint_hook.", "_recomputation_hook.")
+
+
+@functools.lru_cache(maxsize=4096)
+def _mentions_checkpoint(cls: type) -> bool:
+    """Whether a method of ``cls`` (outside torch itself) names ``checkpoint``."""
+
+    def names(code: types.CodeType) -> Iterator[str]:
+        yield from code.co_names
+        for const in code.co_consts:
+            if isinstance(const, types.CodeType):
+                yield from names(const)
+
+    for klass in cls.__mro__:
+        if klass.__module__.startswith("torch.") or klass is object:
+            continue
+        for attr in vars(klass).values():
+            code = getattr(attr, "__code__", None)
+            if code is not None and any("checkpoint" in name for name in names(code)):
+                return True
+    return False
+
+
+def _inside_checkpoint() -> bool:
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    if hooks is not None:  # non-reentrant checkpointing packs saved tensors with its hooks
+        return hooks[0].__qualname__.startswith(_CHECKPOINT_HOOKS)
+    if torch.is_grad_enabled():
+        return False
+    # Reentrant checkpointing runs the forward under no_grad inside its autograd.Function.
+    reentrant = torch.utils.checkpoint.CheckpointFunction.forward.__code__
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code is reentrant:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _refuse_checkpoint(module: nn.Module, args: Any) -> None:
+    if _inside_checkpoint():
+        raise RuntimeError(
+            f"torch.utils.checkpoint around {type(module).__name__} inside a patched module: "
+            "its recomputation during the meta-backward would read the latest fast weights, "
+            "not those of the step being recomputed, and give wrong meta-gradients. Remove the "
+            "checkpoint from the patched forward"
+        )
+
+
+def _shallow_copy(module: nn.Module, memo: Dict[int, nn.Module]) -> nn.Module:
+    copy = memo.get(id(module))
+    if copy is not None:  # a submodule reachable under two names is copied once
+        return copy
+    copy = object.__new__(type(module))
+    state = copy.__dict__
+    state.update(module.__dict__)
+    for key in _BOOKKEEPING:
+        value = state.get(key)
+        if value is not None:
+            state[key] = value.copy()
+    memo[id(module)] = copy
+    children = state["_modules"]
+    for name, child in children.items():
+        if child is not None:
+            children[name] = _shallow_copy(child, memo)
+    return copy
+
+
+def _slots(
+    copies: Dict[int, nn.Module],
+    module: nn.Module,
+    named: Sequence[Tuple[str, torch.Tensor]],
+    container: str,
+) -> Tuple[List[str], List[torch.Tensor], List[_Slot]]:
+    """Map every (possibly tied) name to the copy's slot and to its tensor's distinct index."""
+    index_of: Dict[int, int] = {}
+    names: List[str] = []
+    originals: List[torch.Tensor] = []
+    slots: List[_Slot] = []
+    for name, tensor in named:
+        owner_name, _, leaf = name.rpartition(".")
+        owner = copies[id(module.get_submodule(owner_name))]
+        index = index_of.get(id(tensor))
+        if index is None:
+            index = index_of[id(tensor)] = len(names)
+            names.append(name)
+            originals.append(tensor)
+        holder = owner.__dict__ if container == "__dict__" else getattr(owner, container)
+        slots.append((holder, leaf, index))
+    return names, originals, slots
+
+
+class ModuleTree:
+    """The shallow copy of a module tree that one patch owns, and where its tensors live.
+
+    Attributes:
+        root: the copy of the user's module.
+        copies: ``id(original submodule) -> its copy``.
+        param_names, params: one name per distinct parameter of the user's module, in
+            ``module.parameters()`` order (a tied weight once, under its first name), and the
+            user's parameters themselves (never written).
+        buffer_names, buffers: the same for buffers.
+    """
+
+    def __init__(self, module: nn.Module, compiling: bool) -> None:
+        self.copies: Dict[int, nn.Module] = {}
+        self.root = _shallow_copy(module, self.copies)
+        named_params = list(module.named_parameters(remove_duplicate=False))
+        self.param_names, self.params, self._param_slots = _slots(
+            self.copies, module, named_params, "_parameters"
+        )
+        # Every name of every parameter (tied weights under each of their names) -> its index.
+        self.param_index = {n: i for (n, _), (_, _, i) in zip(named_params, self._param_slots)}
+        named_buffers = list(module.named_buffers(remove_duplicate=False))
+        self.buffers_as_attributes = compiling
+        self.buffer_names, self.buffers, self._buffer_slots = _slots(
+            self.copies, module, named_buffers, "__dict__" if compiling else "_buffers"
+        )
+        if compiling:
+            for name, _ in named_buffers:
+                owner_name, _, leaf = name.rpartition(".")
+                del self.copies[id(module.get_submodule(owner_name))]._buffers[leaf]
+        self.buffer_slot_keys = {(id(d), k) for d, k, _ in self._buffer_slots}
+        # The distinct slot of each distinct tensor, to read it back.
+        self._first_buffer_slot = {i: (d, k) for d, k, i in reversed(self._buffer_slots)}
+        # RNNBase reads its weights from a `_flat_weights` list, not from `_parameters`.
+        self._rnns = [c for c in self.copies.values() if hasattr(c, "_flat_weights_names")]
+        if not compiling and any(_mentions_checkpoint(type(c)) for c in self.copies.values()):
+            # Checkpointing recomputes a forward during backward, on whatever the copies hold
+            # by then. The guard costs a hook call per module call, so only models whose code
+            # mentions checkpointing pay it.
+            for copy in self.copies.values():
+                if copy._parameters:
+                    copy.register_forward_pre_hook(_refuse_checkpoint)
+
+    def modules(self) -> List[nn.Module]:
+        return list(self.copies.values())
+
+    def write_params(self, params: Sequence[torch.Tensor]) -> None:
+        for holder, key, i in self._param_slots:
+            holder[key] = params[i]
+        for rnn in self._rnns:
+            rnn.__dict__["_flat_weights"] = [
+                getattr(rnn, name) for name in rnn.__dict__["_flat_weights_names"]
+            ]
+
+    def read_params(self) -> List[torch.Tensor]:
+        first = {i: (d, k) for d, k, i in reversed(self._param_slots)}
+        return [first[i][0][first[i][1]] for i in range(len(self.params))]
+
+    def write_buffers(self, buffers: Sequence[torch.Tensor]) -> None:
+        for holder, key, i in self._buffer_slots:
+            holder[key] = buffers[i]
+
+    def read_buffers(self) -> List[torch.Tensor]:
+        """The buffers as the copies hold them now (a forward may have reassigned one)."""
+        first = self._first_buffer_slot
+        return [first[i][0][first[i][1]] for i in range(len(self.buffers))]
