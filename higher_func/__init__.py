@@ -23,7 +23,10 @@ from ._compile import compile
 from .optim import create_diff_optim, get_diff_optim, register_optim
 from .patch import monkeypatch
 
+__version__ = "0.1.0"  # the package's only version number: pyproject.toml reads it
+
 __all__ = [
+    "__version__",
     "innerloop_ctx",
     "compile",
     "BatchingFallbackWarning",

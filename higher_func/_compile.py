@@ -7,9 +7,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-# torch.compile traces torch.autograd.grad only with this Dynamo option, added in torch 2.11.
-_OPTION = "trace_autograd_ops"
-MIN_TORCH = "2.11"
+from . import _compat
 
 
 def compile(fn: Optional[Callable[..., Any]] = None, **compile_kwargs: Any) -> Callable[..., Any]:
@@ -51,10 +49,11 @@ def compile(fn: Optional[Callable[..., Any]] = None, **compile_kwargs: Any) -> C
     """
     if fn is None:
         return functools.partial(compile, **compile_kwargs)
-    if not hasattr(torch._dynamo.config, _OPTION):
+    if not _compat.can_trace_autograd():
         raise RuntimeError(
-            f"higher_func.compile needs torch >= {MIN_TORCH} (torch._dynamo.config.{_OPTION}, "
-            f"to trace torch.autograd.grad); the installed torch is {torch.__version__}"
+            f"higher_func.compile needs torch >= {_compat.MIN_TORCH} (torch._dynamo.config."
+            f"{_compat.TRACE_AUTOGRAD_OPS}, to trace torch.autograd.grad); the installed torch "
+            f"is {torch.__version__}"
         )
     if compile_kwargs.pop("fullgraph", True) is not True:
         raise ValueError(
@@ -65,7 +64,7 @@ def compile(fn: Optional[Callable[..., Any]] = None, **compile_kwargs: Any) -> C
 
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
-        with torch._dynamo.config.patch(**{_OPTION: True}):
+        with _compat.tracing_autograd():
             return compiled(*args, **kwargs)
 
     return run
