@@ -65,7 +65,7 @@ def tracing_autograd() -> contextlib.AbstractContextManager[None]:
         ...     torch._dynamo.config.trace_autograd_ops
         True
     """
-    return torch._dynamo.config.patch(**{TRACE_AUTOGRAD_OPS: True})
+    return torch._dynamo.config.patch(TRACE_AUTOGRAD_OPS, True)
 
 
 def _not_compiling() -> bool:

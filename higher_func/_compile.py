@@ -38,14 +38,20 @@ def compile(fn: Optional[Callable[..., Any]] = None, **compile_kwargs: Any) -> C
         ValueError: ``fullgraph=False`` was asked for.
 
     Example:
+        >>> model = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1))
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> T = 4
         >>> @higher_func.compile
         ... def meta_loss(xs, ys, xq, yq):
         ...     with higher_func.innerloop_ctx(model, opt, copy_initial_weights=False,
         ...                                    num_tasks=T) as (fmodel, diffopt):
-        ...         for _ in range(5):
-        ...             diffopt.step(torch.vmap(F.mse_loss)(fmodel(xs), ys))
+        ...         for _ in range(2):
+        ...             fast_weights = diffopt.step(torch.vmap(F.mse_loss)(fmodel(xs), ys))
         ...         return torch.vmap(F.mse_loss)(fmodel(xq), yq).mean()
-        >>> meta_loss(xs, ys, xq, yq).backward()
+        >>> xs, ys, xq, yq = (torch.randn(T, 10, 1) for _ in range(4))
+        >>> meta_loss(xs, ys, xq, yq).backward()  # compiles on the first call
+        >>> model[0].weight.grad.shape
+        torch.Size([8, 1])
     """
     if fn is None:
         return functools.partial(compile, **compile_kwargs)
