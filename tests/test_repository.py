@@ -27,3 +27,27 @@ def test_no_tracked_file_is_over_1_mb():
     }
     too_big = {name: size for name, size in sizes.items() if size > LIMIT}
     assert not too_big, f"tracked files over {LIMIT} bytes (keep them out of git): {too_big}"
+
+
+def _pyproject():
+    import tomllib
+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def test_the_version_has_one_source():
+    import higher_func
+
+    config = _pyproject()
+    assert "version" not in config["project"] and "version" in config["project"]["dynamic"]
+    assert config["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "higher_func.__version__"}
+    assert isinstance(higher_func.__version__, str) and higher_func.__version__
+
+
+def test_what_ships_with_the_package():
+    config = _pyproject()
+    assert config["project"]["license"] == "Apache-2.0"
+    for name in config["project"]["license-files"]:
+        assert (ROOT / name).is_file()
+    assert "py.typed" in config["tool"]["setuptools"]["package-data"]["higher_func"]
+    assert (ROOT / "higher_func" / "py.typed").is_file()
