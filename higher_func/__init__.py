@@ -23,7 +23,10 @@ from ._compile import compile
 from .optim import create_diff_optim, get_diff_optim, register_optim
 from .patch import monkeypatch
 
+__version__ = "0.1.0"  # the package's only version number: pyproject.toml reads it
+
 __all__ = [
+    "__version__",
     "innerloop_ctx",
     "compile",
     "BatchingFallbackWarning",
@@ -78,15 +81,22 @@ def innerloop_ctx(
         updates ``fmodel``'s fast weights.
 
     Example:
+        >>> model = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1))
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> x, y, xq, yq = (torch.randn(10, 1) for _ in range(4))
         >>> with innerloop_ctx(model, opt, copy_initial_weights=False) as (fmodel, diffopt):
         ...     for _ in range(5):
-        ...         diffopt.step(F.mse_loss(fmodel(x), y))
+        ...         fast_weights = diffopt.step(F.mse_loss(fmodel(x), y))
         ...     F.mse_loss(fmodel(xq), yq).backward()
+        >>> model[0].weight.grad.shape  # the meta-gradient
+        torch.Size([8, 1])
 
     Example (T tasks at once, ``xs: [T, K, ...]``):
+        >>> T = 4
+        >>> xs, ys, xq, yq = (torch.randn(T, 10, 1) for _ in range(4))
         >>> with innerloop_ctx(model, opt, copy_initial_weights=False, num_tasks=T) as (f, d):
         ...     for _ in range(5):
-        ...         d.step(torch.vmap(F.mse_loss)(f(xs), ys))
+        ...         fast_weights = d.step(torch.vmap(F.mse_loss)(f(xs), ys))  # a loss per task
         ...     torch.vmap(F.mse_loss)(f(xq), yq).mean().backward()
     """
     fmodel = monkeypatch(

@@ -7,9 +7,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-# torch.compile traces torch.autograd.grad only with this Dynamo option, added in torch 2.11.
-_OPTION = "trace_autograd_ops"
-MIN_TORCH = "2.11"
+from . import _compat
 
 
 def compile(fn: Optional[Callable[..., Any]] = None, **compile_kwargs: Any) -> Callable[..., Any]:
@@ -40,21 +38,28 @@ def compile(fn: Optional[Callable[..., Any]] = None, **compile_kwargs: Any) -> C
         ValueError: ``fullgraph=False`` was asked for.
 
     Example:
+        >>> model = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1))
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> T = 4
         >>> @higher_func.compile
         ... def meta_loss(xs, ys, xq, yq):
         ...     with higher_func.innerloop_ctx(model, opt, copy_initial_weights=False,
         ...                                    num_tasks=T) as (fmodel, diffopt):
-        ...         for _ in range(5):
-        ...             diffopt.step(torch.vmap(F.mse_loss)(fmodel(xs), ys))
+        ...         for _ in range(2):
+        ...             fast_weights = diffopt.step(torch.vmap(F.mse_loss)(fmodel(xs), ys))
         ...         return torch.vmap(F.mse_loss)(fmodel(xq), yq).mean()
-        >>> meta_loss(xs, ys, xq, yq).backward()
+        >>> xs, ys, xq, yq = (torch.randn(T, 10, 1) for _ in range(4))
+        >>> meta_loss(xs, ys, xq, yq).backward()  # compiles on the first call
+        >>> model[0].weight.grad.shape
+        torch.Size([8, 1])
     """
     if fn is None:
         return functools.partial(compile, **compile_kwargs)
-    if not hasattr(torch._dynamo.config, _OPTION):
+    if not _compat.can_trace_autograd():
         raise RuntimeError(
-            f"higher_func.compile needs torch >= {MIN_TORCH} (torch._dynamo.config.{_OPTION}, "
-            f"to trace torch.autograd.grad); the installed torch is {torch.__version__}"
+            f"higher_func.compile needs torch >= {_compat.MIN_TORCH} (torch._dynamo.config."
+            f"{_compat.TRACE_AUTOGRAD_OPS}, to trace torch.autograd.grad); the installed torch "
+            f"is {torch.__version__}"
         )
     if compile_kwargs.pop("fullgraph", True) is not True:
         raise ValueError(
@@ -65,7 +70,7 @@ def compile(fn: Optional[Callable[..., Any]] = None, **compile_kwargs: Any) -> C
 
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
-        with torch._dynamo.config.patch(**{_OPTION: True}):
+        with _compat.tracing_autograd():
             return compiled(*args, **kwargs)
 
     return run

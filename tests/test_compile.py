@@ -145,7 +145,7 @@ def test_fullgraph_false_is_refused():
 
 
 def test_too_old_torch_names_the_minimum_version(monkeypatch):
-    monkeypatch.setattr(higher_func._compile, "_OPTION", "an_option_this_torch_lacks")
+    monkeypatch.setattr(higher_func._compat, "TRACE_AUTOGRAD_OPS", "an_option_this_torch_lacks")
     with pytest.raises(RuntimeError, match=r"torch >= 2\.11"):
         higher_func.compile(lambda x: x)
 

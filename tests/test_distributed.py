@@ -16,7 +16,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = os.path.join(ROOT, "examples")
 if EXAMPLES not in sys.path:
     sys.path.insert(0, EXAMPLES)
 
@@ -122,7 +123,11 @@ def test_torchrun_launch(tmp_path):
     script = os.path.join(EXAMPLES, "distributed_maml.py")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     command += [script, "--steps", "2", "--tasks", "4", "--out", str(tmp_path)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    # The ranks import higher_func from this checkout, installed or not (and never another
+    # copy that happens to be installed).
+    path = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "weights identical on all 2 ranks: True" in done.stdout
     state = torch.load(tmp_path / "distributed_maml.pt")

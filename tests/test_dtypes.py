@@ -181,7 +181,12 @@ def test_autocast_inside_the_patched_forward_matches_the_plain_module(name):
     case = ZOO[name](dtype=torch.float32)
     fmodel = higher.monkeypatch(case.model, copy_initial_weights=False)
     with _autocast():
-        expected = case.model(*case.inputs)
+        try:
+            expected = case.model(*case.inputs)
+        except RuntimeError as error:  # torch's own module fails: nothing to compare against
+            if "could not create a primitive descriptor" not in str(error):
+                raise
+            pytest.skip(f"this CPU's oneDNN cannot run {name} under bfloat16 autocast")
         got = fmodel(*case.inputs)
     assert_trees_close(got, expected, atol=0, rtol=0)
     assert [o.dtype for o in tensors_in(got)] == [o.dtype for o in tensors_in(expected)]
