@@ -19,9 +19,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
-from torch.utils import _pytree as pytree
 
-from ._tree import ModuleTree, is_compiling
+from ._compat import BatchNorm, is_compiling, pytree
+from ._tree import ModuleTree
 
 _warned: set = set()
 _RANDOMNESS = ("different", "same", "error")
@@ -34,7 +34,7 @@ def _unbatchable(module: nn.Module) -> bool:
     if isinstance(module, (nn.RNNBase, nn.RNNCellBase)):
         return True
     return (
-        isinstance(module, nn.modules.batchnorm._BatchNorm)
+        isinstance(module, BatchNorm)
         and module.momentum is None
         and module.track_running_stats
     )

@@ -20,12 +20,6 @@ import torch
 # class; ``_NormBase`` above it would also catch InstanceNorm. Private since torch 1.0.
 from torch.nn.modules.batchnorm import _BatchNorm as BatchNorm
 
-# The context manager under torch.func.functional_call: it swaps tensors into a module's slots
-# and restores them on exit. functional_call only calls a function inside it; the patched
-# module needs the swap itself around a bound method (``fmodel.embed(x)``) under Dynamo, which
-# traces this function natively. Private since torch 1.12; ``tie_weights=`` since torch 2.0.
-from torch.nn.utils.stateless import _reparametrize_module as reparametrize_module
-
 # torch's pytree (tree_flatten, tree_unflatten, tree_map), which vmap and Dynamo understand.
 # Private since torch 1.x; torch 2.13 still has no public ``torch.utils.pytree``.
 from torch.utils import _pytree as pytree
@@ -37,7 +31,6 @@ __all__ = [
     "can_trace_autograd",
     "is_compiling",
     "pytree",
-    "reparametrize_module",
     "tracing_autograd",
 ]
 

@@ -23,13 +23,14 @@ from __future__ import annotations
 import functools
 import sys
 import types
-from typing import Any, Callable, Dict, Iterator, List, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Sequence, Tuple
 
 import torch
 import torch.utils.checkpoint
 from torch import nn
 
-is_compiling: Callable[[], bool] = getattr(torch.compiler, "is_compiling", lambda: False)
+from ._compat import is_compiling
+
 
 # nn.Module's own bookkeeping containers (parameters, buffers, children, hooks, the set of
 # non-persistent buffers): each copy gets its own, so nothing done to a copy reaches the

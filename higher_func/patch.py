@@ -38,8 +38,8 @@ import torch as _torch
 from torch import nn as _nn
 
 from ._batching import TaskBatch as _TaskBatch
+from ._compat import is_compiling as _is_compiling
 from ._tree import ModuleTree as _ModuleTree
-from ._tree import is_compiling as _is_compiling
 
 _Params = Union[Sequence[_torch.Tensor], Mapping[str, _torch.Tensor]]
 _EncapsulatorType = Optional[Callable[["_MonkeyPatchBase", _nn.Module], None]]
