@@ -33,11 +33,7 @@ def _unbatchable(module: nn.Module) -> bool:
     # implemented"); BatchNorm with momentum=None averages with 1 / num_batches_tracked.item().
     if isinstance(module, (nn.RNNBase, nn.RNNCellBase)):
         return True
-    return (
-        isinstance(module, BatchNorm)
-        and module.momentum is None
-        and module.track_running_stats
-    )
+    return isinstance(module, BatchNorm) and module.momentum is None and module.track_running_stats
 
 
 def check_num_tasks(num_tasks: Any) -> int:

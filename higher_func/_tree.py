@@ -29,9 +29,6 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from ._compat import is_compiling
-
-
 # nn.Module's own bookkeeping containers (parameters, buffers, children, hooks, the set of
 # non-persistent buffers): each copy gets its own, so nothing done to a copy reaches the
 # user's module. Everything else in a module's __dict__ is shared with the original.
