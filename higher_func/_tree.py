@@ -87,10 +87,8 @@ def _refuse_checkpoint(module: nn.Module, args: Any) -> None:
         )
 
 
-def _shallow_copy(module: nn.Module, memo: Dict[int, nn.Module]) -> nn.Module:
-    copy = memo.get(id(module))
-    if copy is not None:  # a submodule reachable under two names is copied once
-        return copy
+def _shallow_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` sharing everything but nn.Module's bookkeeping containers."""
     copy = object.__new__(type(module))
     state = copy.__dict__
     state.update(module.__dict__)
@@ -98,36 +96,28 @@ def _shallow_copy(module: nn.Module, memo: Dict[int, nn.Module]) -> nn.Module:
         value = state.get(key)
         if value is not None:
             state[key] = value.copy()
-    memo[id(module)] = copy
-    children = state["_modules"]
-    for name, child in children.items():
-        if child is not None:
-            children[name] = _shallow_copy(child, memo)
     return copy
 
 
-def _slots(
-    copies: Dict[int, nn.Module],
-    module: nn.Module,
-    named: Sequence[Tuple[str, torch.Tensor]],
-    container: str,
-) -> Tuple[List[str], List[torch.Tensor], List[_Slot]]:
-    """Map every (possibly tied) name to the copy's slot and to its tensor's distinct index."""
-    index_of: Dict[int, int] = {}
-    names: List[str] = []
-    originals: List[torch.Tensor] = []
-    slots: List[_Slot] = []
-    for name, tensor in named:
-        owner_name, _, leaf = name.rpartition(".")
-        owner = copies[id(module.get_submodule(owner_name))]
-        index = index_of.get(id(tensor))
-        if index is None:
-            index = index_of[id(tensor)] = len(names)
-            names.append(name)
-            originals.append(tensor)
-        holder = owner.__dict__ if container == "__dict__" else getattr(owner, container)
-        slots.append((holder, leaf, index))
-    return names, originals, slots
+class _Tensors:
+    """Where one kind of tensor (parameters or buffers) lives in the copies, by name."""
+
+    def __init__(self) -> None:
+        self.names: List[str] = []  # one per distinct tensor, its first name
+        self.originals: List[torch.Tensor] = []  # the user's tensors, never written
+        self.index: Dict[str, int] = {}  # every name (tied ones too) -> distinct index
+        self.slots: List[_Slot] = []  # one per slot of a copy
+        self._index_of: Dict[int, int] = {}
+
+    def add(self, name: str, tensor: torch.Tensor, holder: Any, key: str) -> None:
+        i = self._index_of.get(id(tensor))
+        if i is None:
+            i = self._index_of[id(tensor)] = len(self.names)
+            self.names.append(name)
+            self.originals.append(tensor)
+        self.index[name] = i
+        if holder is not None:
+            self.slots.append((holder, key, i))
 
 
 class ModuleTree:
@@ -139,32 +129,30 @@ class ModuleTree:
         param_names, params: one name per distinct parameter of the user's module, in
             ``module.parameters()`` order (a tied weight once, under its first name), and the
             user's parameters themselves (never written).
+        param_index: every name of every parameter (a tied weight under each) -> its index.
         buffer_names, buffers: the same for buffers.
+        buffers_as_attributes: whether the copies hold their buffers as plain attributes
+            (under ``torch.compile``) instead of in ``_buffers``.
     """
 
     def __init__(self, module: nn.Module, compiling: bool) -> None:
         self.copies: Dict[int, nn.Module] = {}
-        self.root = _shallow_copy(module, self.copies)
-        named_params = list(module.named_parameters(remove_duplicate=False))
-        self.param_names, self.params, self._param_slots = _slots(
-            self.copies, module, named_params, "_parameters"
-        )
-        # Every name of every parameter (tied weights under each of their names) -> its index.
-        self.param_index = {n: i for (n, _), (_, _, i) in zip(named_params, self._param_slots)}
-        named_buffers = list(module.named_buffers(remove_duplicate=False))
         self.buffers_as_attributes = compiling
-        self.buffer_names, self.buffers, self._buffer_slots = _slots(
-            self.copies, module, named_buffers, "__dict__" if compiling else "_buffers"
+        params, buffers = _Tensors(), _Tensors()
+        self.root = self._copy(module, "", params, buffers)
+        self.param_names, self.params, self.param_index = (
+            params.names,
+            params.originals,
+            params.index,
         )
-        if compiling:
-            for name, _ in named_buffers:
-                owner_name, _, leaf = name.rpartition(".")
-                del self.copies[id(module.get_submodule(owner_name))]._buffers[leaf]
+        self.buffer_names, self.buffers = buffers.names, buffers.originals
+        self._param_slots, self._buffer_slots = params.slots, buffers.slots
         self.buffer_slot_keys = {(id(d), k) for d, k, _ in self._buffer_slots}
-        # The distinct slot of each distinct tensor, to read it back.
+        # The first slot of each distinct tensor, to read it back.
+        self._first_param_slot = {i: (d, k) for d, k, i in reversed(self._param_slots)}
         self._first_buffer_slot = {i: (d, k) for d, k, i in reversed(self._buffer_slots)}
         # RNNBase reads its weights from a `_flat_weights` list, not from `_parameters`.
-        self._rnns = [c for c in self.copies.values() if hasattr(c, "_flat_weights_names")]
+        self._rnns = [c for c in self.copies.values() if "_flat_weights_names" in c.__dict__]
         if not compiling and any(_mentions_checkpoint(type(c)) for c in self.copies.values()):
             # Checkpointing recomputes a forward during backward, on whatever the copies hold
             # by then. The guard costs a hook call per module call, so only models whose code
@@ -172,6 +160,32 @@ class ModuleTree:
             for copy in self.copies.values():
                 if copy._parameters:
                     copy.register_forward_pre_hook(_refuse_checkpoint)
+
+    def _copy(self, module: nn.Module, prefix: str, params: _Tensors, buffers: _Tensors):
+        # One pass in the order of module.named_parameters(remove_duplicate=False): the copy
+        # of a submodule reachable under two names is made once, its names recorded twice.
+        copy = self.copies.get(id(module))
+        first = copy is None
+        if first:
+            copy = self.copies[id(module)] = _shallow_copy(module)
+        state = copy.__dict__
+        for key, p in module._parameters.items():
+            if p is not None:
+                params.add(prefix + key, p, state["_parameters"] if first else None, key)
+        for key, b in module._buffers.items():
+            if b is not None:
+                if first and self.buffers_as_attributes:
+                    del state["_buffers"][key]
+                    buffers.add(prefix + key, b, state, key)
+                else:
+                    buffers.add(prefix + key, b, state["_buffers"] if first else None, key)
+        children = state["_modules"]
+        for name, child in module._modules.items():
+            if child is not None:
+                child_copy = self._copy(child, prefix + name + ".", params, buffers)
+                if first:
+                    children[name] = child_copy
+        return copy
 
     def modules(self) -> List[nn.Module]:
         return list(self.copies.values())
@@ -185,7 +199,7 @@ class ModuleTree:
             ]
 
     def read_params(self) -> List[torch.Tensor]:
-        first = {i: (d, k) for d, k, i in reversed(self._param_slots)}
+        first = self._first_param_slot
         return [first[i][0][first[i][1]] for i in range(len(self.params))]
 
     def write_buffers(self, buffers: Sequence[torch.Tensor]) -> None:
