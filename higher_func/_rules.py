@@ -499,9 +499,31 @@ def adam_higher(
     denom = _safe_sqrt(second_moment) + eps
     bias_correction1 = 1 - beta1**step
     bias_correction2 = 1 - beta2**step
-    root = bias_correction2**0.5 if _is_tensor(bias_correction2) else math.sqrt(bias_correction2)
-    step_size = lr * root / bias_correction1
+    if _is_tensor(bias_correction2):
+        step_size = _higher_adam_step_size(lr, bias_correction1, bias_correction2)
+    else:
+        step_size = lr * math.sqrt(bias_correction2) / bias_correction1
     return param + (-step_size) * (exp_avg / denom), new_state
+
+
+def _higher_adam_step_size(
+    lr: Scalar, bias_correction1: Scalar, bias_correction2: Tensor
+) -> Tensor:
+    """``lr * math.sqrt(bias_correction2) / bias_correction1`` as higher computed it for a
+    tensor ``beta2``, with the root kept on the tape.
+
+    higher's ``math.sqrt`` turned the tensor into a Python float, i.e. a double, which later
+    arithmetic treats as a Python scalar: double products with Python numbers, rounded to the
+    tensor's dtype when it meets a tensor. A float64 root reproduces those roundings.
+    """
+    root = torch.sqrt(bias_correction2.double())
+    if _is_tensor(lr):
+        return lr * root.to(lr.dtype) / bias_correction1
+    numerator = lr * root  # a Python product: in double
+    if _is_tensor(bias_correction1):
+        # Python float / tensor is tensor.reciprocal() * float, the float rounded to float32.
+        return bias_correction1.reciprocal() * numerator.to(bias_correction1.dtype)
+    return numerator / bias_correction1
 
 
 def adamw(
