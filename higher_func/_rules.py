@@ -878,7 +878,8 @@ def asgd_higher(
     decayed parameter *before* the gradient step (torch.optim averages after it), and
     ``eta`` and ``mu`` are Python floats computed in double precision (kept so in the state
     while the hyperparameters are Python numbers). Same arguments and state keys as
-    :func:`asgd`.
+    :func:`asgd`. A tensor ``lr`` stays on the tape through ``eta`` (higher's ``math.pow``
+    turned that factor into a Python float), so its meta-gradient differs from higher's.
     """
     step = _next_step(state)
     grad = _signed(grad, maximize)
@@ -895,7 +896,10 @@ def asgd_higher(
         ax = decayed if mu == 1 else ax + (decayed - ax) * mu
     base = 1 + lambd * lr * step
     if any(_is_tensor(x) for x in (lr, lambd, alpha)):
-        new_eta = lr / base**alpha
+        # higher's math.pow made a double of this; a float64 power keeps its rounding and,
+        # unlike higher, the gradient into lr, lambd and alpha.
+        denominator = torch.as_tensor(base, dtype=torch.float64) ** alpha
+        new_eta = lr / (denominator.to(lr.dtype) if _is_tensor(lr) else denominator)
     else:
         new_eta = lr / math.pow(base, alpha)
     new_mu = 1 / torch.clamp(step - t0, min=1) if _is_tensor(t0) else 1 / max(1, step - t0)
