@@ -1219,3 +1219,41 @@ def test_grad_callback_per_constructor_and_per_step(case):
         twin_opt.step()
         assert_rel_close(fmodel.parameters(), twin.parameters(), rtol=_rtol_vs_torch(case))
     assert seen == [[False, True, False, False]] * 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Elementwise (per-coordinate) hyperparameters, batched: the three shapes a tensor may have.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["shape", "tasks_and_shape", "tasks"])
+@pytest.mark.parametrize("opt_type", [torch.optim.SGD, torch.optim.Adam], ids=["sgd", "adam"])
+def test_batched_elementwise_learning_rates_equal_a_loop_over_tasks(layout, opt_type):
+    tasks = 3
+    model = _seeded(0, lambda: nn.Linear(3, 2))
+    generator = torch.Generator().manual_seed(7)
+    shapes = [p.shape for p in model.parameters()]
+    if layout == "shape":  # [*shape]: the same per-coordinate values for every task
+        lrs = [0.05 + 0.1 * torch.rand(s, generator=generator) for s in shapes]
+        of_task = lambda t: lrs  # noqa: E731
+    elif layout == "tasks_and_shape":  # [T, *shape]: per task and per coordinate
+        lrs = [0.05 + 0.1 * torch.rand(tasks, *s, generator=generator) for s in shapes]
+        of_task = lambda t: [lr[t] for lr in lrs]  # noqa: E731
+    else:  # [T]: one value per task
+        lrs = [0.05 + 0.1 * torch.rand(tasks, generator=generator) for _ in shapes]
+        of_task = lambda t: [lr[t] for lr in lrs]  # noqa: E731
+    x = torch.randn(tasks, 5, 3, generator=generator)
+    y = torch.randn(tasks, 5, 2, generator=generator)
+    opt = opt_type([{"params": [p]} for p in model.parameters()], lr=0.1)
+
+    ctx = higher_func.innerloop_ctx(model, opt, num_tasks=tasks, override={"lr": lrs})
+    with ctx as (fmodel, diffopt):
+        for _ in range(3):
+            diffopt.step(((fmodel(x) - y) ** 2).mean(dim=(1, 2)))
+        batched = list(fmodel.parameters())
+    for t in range(tasks):
+        with higher_func.innerloop_ctx(model, opt, override={"lr": of_task(t)}) as (f, d):
+            for _ in range(3):
+                d.step(((f(x[t]) - y[t]) ** 2).mean())
+            for stacked, single in zip(batched, f.parameters(), strict=True):
+                torch.testing.assert_close(stacked[t], single, rtol=1e-6, atol=1e-7)

@@ -14,6 +14,7 @@ from torch import nn
 import higher_func
 from higher_func.optim import (
     DifferentiableOptimizer,
+    apply_trainable_opt_params,
     create_diff_optim,
     get_diff_optim,
     register_optim,
@@ -264,3 +265,44 @@ def test_misspelt_options_are_refused():
     diffopt = higher_func.get_diff_optim(opt, model.parameters(), fmodel=fmodel)
     with pytest.raises(TypeError, match="overide"):
         diffopt.step(_loss(fmodel), overide={"lr": [0.5]})
+
+
+def test_elementwise_override_that_does_not_fit_names_key_and_shapes():
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD([{"params": [model.weight]}, {"params": [model.bias]}], lr=0.1)
+    with pytest.raises(ValueError, match=r"override\['lr'\] has shape \(2,\).*\(2, 3\)"):
+        get_diff_optim(opt, model.parameters(), override={"lr": [torch.ones(2), torch.ones(2)]})
+    # One value for every group must fit the weight and the bias alike.
+    with pytest.raises(ValueError, match=r"shape \(2, 3\).*weight of shape \(2,\)"):
+        get_diff_optim(opt, model.parameters(), override={"lr": [torch.ones(2, 3)]})
+    # Per-group values that fit are accepted, as is a broadcastable (1, 3) row.
+    get_diff_optim(opt, model.parameters(), override={"lr": [torch.ones(1, 3), torch.ones(2)]})
+
+
+def test_batched_elementwise_override_shapes():
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD([{"params": [model.weight]}, {"params": [model.bias]}], lr=0.1)
+    fmodel = higher_func.monkeypatch(model, num_tasks=4)
+    fine = [
+        [torch.ones(4), torch.ones(4)],  # per task
+        [torch.ones(2, 3), torch.ones(2)],  # per coordinate, shared by the tasks
+        [torch.ones(4, 2, 3), torch.ones(4, 2)],  # per task and coordinate
+        [torch.ones(1, 2, 3), torch.ones(4, 1)],  # broadcastable to those
+    ]
+    for lrs in fine:
+        get_diff_optim(opt, model.parameters(), fmodel=fmodel, override={"lr": lrs})
+    with pytest.raises(ValueError, match=r"has shape \(3, 2, 3\).*\(4,\) or \(4, \*\(2, 3\)\)"):
+        get_diff_optim(
+            opt, model.parameters(), fmodel=fmodel, override={"lr": [torch.ones(3, 2, 3), 0.1]}
+        )
+    with pytest.raises(ValueError, match=r"has shape \(1, 4, 2, 3\)"):
+        get_diff_optim(
+            opt, model.parameters(), fmodel=fmodel, override={"lr": [torch.ones(1, 4, 2, 3), 0.1]}
+        )
+
+
+def test_apply_trainable_opt_params_refuses_elementwise_values():
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"override\['lr'\] has shape \(2, 3\); expected one"):
+        apply_trainable_opt_params(opt, {"lr": [torch.ones(2, 3)]})
