@@ -9,6 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import higher_func
@@ -306,3 +308,30 @@ def test_apply_trainable_opt_params_refuses_elementwise_values():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(ValueError, match=r"override\['lr'\] has shape \(2, 3\); expected one"):
         apply_trainable_opt_params(opt, {"lr": [torch.ones(2, 3)]})
+
+
+_dims = st.lists(st.integers(1, 3), min_size=0, max_size=3).map(tuple)
+
+
+@settings(max_examples=60, deadline=None)
+@given(shape=_dims.filter(lambda s: len(s) > 0), lr_shape=_dims)
+def test_an_elementwise_lr_is_accepted_exactly_when_it_broadcasts_to_the_weight(shape, lr_shape):
+    weight = torch.zeros(shape, requires_grad=True)
+    opt = torch.optim.SGD([weight], lr=0.1)
+    lr = torch.full(lr_shape, 0.5)
+    try:
+        fits = torch.broadcast_shapes(lr_shape, shape) == shape
+    except RuntimeError:
+        fits = False
+    fits = fits or lr.numel() == 1
+    if not fits:
+        with pytest.raises(ValueError, match=r"override\['lr'\] has shape"):
+            get_diff_optim(opt, [weight], override={"lr": [lr]})
+        return
+    diffopt = get_diff_optim(opt, [weight], override={"lr": [lr]})
+    fast = weight.clone()
+    (new,) = diffopt.step((fast * torch.arange(fast.numel()).reshape(shape)).sum(), params=[fast])
+    assert new.shape == weight.shape
+    torch.testing.assert_close(
+        new, -0.5 * torch.arange(fast.numel(), dtype=new.dtype).reshape(shape)
+    )
