@@ -37,6 +37,14 @@ in Python floats, while the rules store them in the parameter's dtype and comput
 tensors. Trajectories then agree to float32 rounding of those scalars (about 1e-6 relative
 with the default float32), and to double rounding under a float64 default dtype.
 
+Numerics of higher 0.2.1: every optimizer higher shipped (SGD, Adam, Adadelta, Adagrad,
+Adamax, ASGD, RMSprop, Rprop) also has a ``*_higher`` variant next to its rule, registered as
+``UpdateRule.higher``: the same formula with higher's order of operations, rounding and
+``eps`` placement, so that unrolls and meta-gradients match higher bit for bit. The
+optimizers run it under ``higher_func.optim.numerics("higher")`` (or
+``HIGHER_FUNC_NUMERICS=higher``); the default stays torch.optim's. The variants follow the
+same contract, except that ASGD's ``eta``/``mu`` are Python floats, as in higher.
+
 Second-order safety: the derivative of ``sqrt`` at 0 is infinite, and a second moment that is
 exactly zero (a coordinate whose gradient has always been 0) would turn meta-gradients into
 ``0 * inf = nan``. ``_safe_sqrt`` removes that without changing forward values; see its
@@ -57,7 +65,8 @@ Example:
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, NamedTuple
+import math
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -66,16 +75,24 @@ __all__ = [
     "RULES",
     "UpdateRule",
     "adadelta",
+    "adadelta_higher",
     "adagrad",
+    "adagrad_higher",
     "adam",
+    "adam_higher",
     "adamax",
+    "adamax_higher",
     "adamw",
     "asgd",
+    "asgd_higher",
     "nadam",
     "radam",
     "rmsprop",
+    "rmsprop_higher",
     "rprop",
+    "rprop_higher",
     "sgd",
+    "sgd_higher",
 ]
 
 Scalar = Any  # a Python number or a tensor broadcastable against the parameter
@@ -91,10 +108,24 @@ class UpdateRule(NamedTuple):
         hyperparameters: the param-group keys ``update`` takes as keyword arguments. Options
             that only pick a ``torch.optim`` kernel (``foreach``, ``fused``, ``capturable``,
             ``differentiable``) are not among them.
+        higher: the same update with higher 0.2.1's arithmetic (same keyword arguments and
+            state keys), run instead of ``update`` under ``numerics("higher")``; ``None`` for
+            optimizers higher did not ship.
     """
 
     update: Callable[..., tuple[Tensor, State]]
     hyperparameters: tuple[str, ...]
+    higher: Optional[Callable[..., tuple[Tensor, State]]] = None
+
+    def select(self, numerics: str) -> Callable[..., tuple[Tensor, State]]:
+        """The update to run under ``numerics`` (``"torch"`` or ``"higher"``).
+
+        Rules of optimizers that higher 0.2.1 did not ship (AdamW, NAdam, RAdam, custom
+        ones) have no higher variant and always run ``update``.
+        """
+        if numerics == "higher" and self.higher is not None:
+            return self.higher
+        return self.update
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,6 +337,37 @@ def sgd(
     return _axpy(param, grad, -lr), new_state
 
 
+def sgd_higher(
+    param: Tensor,
+    grad: Tensor,
+    state: State,
+    *,
+    lr: Scalar = 1e-3,
+    momentum: Scalar = 0,
+    dampening: Scalar = 0,
+    weight_decay: Scalar = 0,
+    nesterov: bool = False,
+    maximize: bool = False,
+) -> tuple[Tensor, State]:
+    """:func:`sgd` with higher 0.2.1's rounding: ``param + (-lr) * d``, rounded twice.
+
+    ``torch.optim`` (and :func:`sgd`) round ``param - lr * d`` once (``torch.add`` with
+    ``alpha``). Both are float32 unrolls of the same formula, but the one-ulp difference
+    can flip a ReLU or max-pool near-tie and change meta-gradients, so old results are only
+    reproduced with this rounding. Same arguments and state as :func:`sgd`.
+    """
+    grad = _signed(grad, maximize)
+    if not _is_zero(weight_decay):
+        grad = grad + weight_decay * param
+    new_state = dict(state)
+    if not _is_zero(momentum):
+        buf = state.get("momentum_buffer")
+        buf = grad if buf is None else buf * momentum + (1 - dampening) * grad
+        new_state["momentum_buffer"] = buf
+        grad = grad + momentum * buf if nesterov else buf
+    return param + (-lr) * grad, new_state
+
+
 def _adam_moments(
     param: Tensor,
     grad: Tensor,
@@ -390,6 +452,78 @@ def adam(
     bias_correction2_sqrt = bias_correction2**0.5
     denom = _safe_sqrt(second_moment) / bias_correction2_sqrt + eps
     return _addcdiv(param, exp_avg, denom, -step_size), new_state
+
+
+def adam_higher(
+    param: Tensor,
+    grad: Tensor,
+    state: State,
+    *,
+    lr: Scalar = 1e-3,
+    betas: tuple[Scalar, Scalar] = (0.9, 0.999),
+    eps: Scalar = 1e-8,
+    weight_decay: Scalar = 0,
+    amsgrad: bool = False,
+    maximize: bool = False,
+    decoupled_weight_decay: bool = False,
+) -> tuple[Tensor, State]:
+    """:func:`adam` with higher 0.2.1's arithmetic: ``eps`` before the bias correction.
+
+    ::
+
+        param <- param - lr * sqrt(1 - beta2**t) / (1 - beta1**t) * m_t / (sqrt(v_t) + eps)
+
+    This is torch.optim's Adam with ``eps * sqrt(1 - beta2**t)`` in place of ``eps``, which
+    makes the update far less scale-invariant: with small losses ``eps`` dominates
+    ``sqrt(v_t)`` and meta-gradients differ from :func:`adam`'s by orders of magnitude more
+    than rounding. Operations are in higher's order (``m * beta1 + (1 - beta1) * g``,
+    ``(1 - beta2) * g * g``...), so results match it bit for bit. Same arguments and state
+    as :func:`adam`; ``maximize`` and ``decoupled_weight_decay``, which higher ignored, are
+    honoured. With a tensor ``beta2``, ``sqrt(1 - beta2**t)`` stays on the tape (higher
+    turned it into a Python float with ``math.sqrt``).
+    """
+    beta1, beta2 = betas
+    step = _next_step(state)
+    grad = _signed(grad, maximize)
+    if decoupled_weight_decay:
+        param, grad = _apply_weight_decay(param, grad, lr, weight_decay, True)
+    elif not _is_zero(weight_decay):
+        grad = grad + weight_decay * param
+    exp_avg = _zeros_like(state, "exp_avg", param) * beta1 + (1 - beta1) * grad
+    exp_avg_sq = _zeros_like(state, "exp_avg_sq", param) * beta2 + (1 - beta2) * grad * grad
+    new_state = {**state, "step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+    second_moment = exp_avg_sq
+    if amsgrad:
+        second_moment = torch.max(_zeros_like(state, "max_exp_avg_sq", param), exp_avg_sq)
+        new_state["max_exp_avg_sq"] = second_moment
+    denom = _safe_sqrt(second_moment) + eps
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    if _is_tensor(bias_correction2):
+        step_size = _higher_adam_step_size(lr, bias_correction1, bias_correction2)
+    else:
+        step_size = lr * math.sqrt(bias_correction2) / bias_correction1
+    return param + (-step_size) * (exp_avg / denom), new_state
+
+
+def _higher_adam_step_size(
+    lr: Scalar, bias_correction1: Scalar, bias_correction2: Tensor
+) -> Tensor:
+    """``lr * math.sqrt(bias_correction2) / bias_correction1`` as higher computed it for a
+    tensor ``beta2``, with the root kept on the tape.
+
+    higher's ``math.sqrt`` turned the tensor into a Python float, i.e. a double, which later
+    arithmetic treats as a Python scalar: double products with Python numbers, rounded to the
+    tensor's dtype when it meets a tensor. A float64 root reproduces those roundings.
+    """
+    root = torch.sqrt(bias_correction2.double())
+    if _is_tensor(lr):
+        return lr * root.to(lr.dtype) / bias_correction1
+    numerator = lr * root  # a Python product: in double
+    if _is_tensor(bias_correction1):
+        # Python float / tensor is tensor.reciprocal() * float, the float rounded to float32.
+        return bias_correction1.reciprocal() * numerator.to(bias_correction1.dtype)
+    return numerator / bias_correction1
 
 
 def adamw(
@@ -485,6 +619,36 @@ def adadelta(
     return _axpy(param, delta, -lr), new_state
 
 
+def adadelta_higher(
+    param: Tensor,
+    grad: Tensor,
+    state: State,
+    *,
+    lr: Scalar = 1.0,
+    rho: Scalar = 0.9,
+    eps: Scalar = 1e-6,
+    weight_decay: Scalar = 0,
+    maximize: bool = False,
+) -> tuple[Tensor, State]:
+    """:func:`adadelta` with higher 0.2.1's order of operations and rounding.
+
+    Same formula, arguments and state as :func:`adadelta`; the running averages are
+    ``avg * rho + (1 - rho) * x * x`` and the step ``param + (-lr) * delta``, each rounded
+    as higher rounds them.
+    """
+    step = _next_step(state)
+    grad = _signed(grad, maximize)
+    if not _is_zero(weight_decay):
+        grad = grad + weight_decay * param
+    square_avg = _zeros_like(state, "square_avg", param) * rho + (1 - rho) * grad * grad
+    acc_delta = _zeros_like(state, "acc_delta", param)
+    std = _safe_sqrt(square_avg + eps)
+    delta = _safe_sqrt(acc_delta + eps) / std * grad
+    acc_delta = acc_delta * rho + (1 - rho) * delta * delta
+    new_state = {**state, "step": step, "square_avg": square_avg, "acc_delta": acc_delta}
+    return param + (-lr) * delta, new_state
+
+
 def adagrad(
     param: Tensor,
     grad: Tensor,
@@ -529,6 +693,39 @@ def adagrad(
     return _addcdiv(param, grad, std, -clr), {**state, "step": step, "sum": state_sum}
 
 
+def adagrad_higher(
+    param: Tensor,
+    grad: Tensor,
+    state: State,
+    *,
+    lr: Scalar = 1e-2,
+    lr_decay: Scalar = 0,
+    weight_decay: Scalar = 0,
+    initial_accumulator_value: Scalar = 0,
+    eps: Scalar = 1e-10,
+    maximize: bool = False,
+) -> tuple[Tensor, State]:
+    """:func:`adagrad` with higher 0.2.1's rounding.
+
+    higher advanced ``torch.optim.Adagrad``'s own step counter, a float32 tensor, so the
+    decayed learning rate ``lr / (1 + (t - 1) * lr_decay)`` is computed in float32 tensor
+    arithmetic; the step is ``param + (-clr) * (g / (sqrt(s_t) + eps))``. Same arguments
+    and state as :func:`adagrad`.
+    """
+    step = _next_step(state)
+    grad = _signed(grad, maximize)
+    if not _is_zero(weight_decay):
+        grad = grad + weight_decay * param
+    state_sum = state.get("sum")
+    if state_sum is None:
+        state_sum = _filled_like(param, initial_accumulator_value)
+    state_sum = state_sum + 1 * grad * grad
+    step_counter = torch.tensor(float(step), dtype=torch.float32)
+    clr = lr / (1 + (step_counter - 1) * lr_decay)
+    std = _safe_sqrt(state_sum) + eps
+    return param + (-clr) * (grad / std), {**state, "step": step, "sum": state_sum}
+
+
 def adamax(
     param: Tensor,
     grad: Tensor,
@@ -568,6 +765,36 @@ def adamax(
     clr = lr / (1 - _power(beta1, step))
     new_state = {**state, "step": step, "exp_avg": exp_avg, "exp_inf": exp_inf}
     return _addcdiv(param, exp_avg, exp_inf, -clr), new_state
+
+
+def adamax_higher(
+    param: Tensor,
+    grad: Tensor,
+    state: State,
+    *,
+    lr: Scalar = 2e-3,
+    betas: tuple[Scalar, Scalar] = (0.9, 0.999),
+    eps: Scalar = 1e-8,
+    weight_decay: Scalar = 0,
+    maximize: bool = False,
+) -> tuple[Tensor, State]:
+    """:func:`adamax` with higher 0.2.1's rounding and tie-breaking.
+
+    The infinity norm is a max over the stacked pair ``(beta2 * u, |g| + eps)``, which sends
+    the whole gradient to one side on ties (``torch.maximum`` splits it). Same formula,
+    arguments and state as :func:`adamax`.
+    """
+    beta1, beta2 = betas
+    step = _next_step(state)
+    grad = _signed(grad, maximize)
+    if not _is_zero(weight_decay):
+        grad = grad + weight_decay * param
+    exp_avg = _zeros_like(state, "exp_avg", param) * beta1 + (1 - beta1) * grad
+    candidates = torch.stack((_zeros_like(state, "exp_inf", param) * beta2, grad.abs() + eps))
+    exp_inf = candidates.max(0).values
+    clr = lr / (1 - beta1**step)
+    new_state = {**state, "step": step, "exp_avg": exp_avg, "exp_inf": exp_inf}
+    return param + (-clr) * (exp_avg / exp_inf), new_state
 
 
 def asgd(
@@ -633,6 +860,53 @@ def asgd(
     return param, new_state
 
 
+def asgd_higher(
+    param: Tensor,
+    grad: Tensor,
+    state: State,
+    *,
+    lr: Scalar = 1e-2,
+    lambd: Scalar = 1e-4,
+    alpha: Scalar = 0.75,
+    t0: Scalar = 1e6,
+    weight_decay: Scalar = 0,
+    maximize: bool = False,
+) -> tuple[Tensor, State]:
+    """:func:`asgd` as higher 0.2.1 computed it.
+
+    Two differences in values, not only in rounding: the average ``ax`` is taken of the
+    decayed parameter *before* the gradient step (torch.optim averages after it), and
+    ``eta`` and ``mu`` are Python floats computed in double precision (kept so in the state
+    while the hyperparameters are Python numbers). Same arguments and state keys as
+    :func:`asgd`. A tensor ``lr`` stays on the tape through ``eta`` (higher's ``math.pow``
+    turned that factor into a Python float), so its meta-gradient differs from higher's.
+    """
+    step = _next_step(state)
+    grad = _signed(grad, maximize)
+    if not _is_zero(weight_decay):
+        grad = grad + weight_decay * param
+    eta = state.get("eta", lr)
+    mu = state.get("mu", 1)
+    ax = _zeros_like(state, "ax", param)
+    decayed = param * (1 - lambd * eta)
+    new_param = decayed + (-eta) * grad
+    if _is_tensor(mu):
+        ax = torch.where(mu == 1, decayed, ax + (decayed - ax) * mu)
+    else:
+        ax = decayed if mu == 1 else ax + (decayed - ax) * mu
+    base = 1 + lambd * lr * step
+    if any(_is_tensor(x) for x in (lr, lambd, alpha)):
+        # higher's math.pow made a double of this; a float64 power keeps its rounding and,
+        # unlike higher, the gradient into lr, lambd and alpha.
+        denominator = torch.as_tensor(base, dtype=torch.float64) ** alpha
+        new_eta = lr / (denominator.to(lr.dtype) if _is_tensor(lr) else denominator)
+    else:
+        new_eta = lr / math.pow(base, alpha)
+    new_mu = 1 / torch.clamp(step - t0, min=1) if _is_tensor(t0) else 1 / max(1, step - t0)
+    new_state = {**state, "step": step, "eta": new_eta, "mu": new_mu, "ax": ax}
+    return new_param, new_state
+
+
 def rmsprop(
     param: Tensor,
     grad: Tensor,
@@ -693,6 +967,42 @@ def rmsprop(
     return _addcdiv(param, grad, avg, -lr), new_state
 
 
+def rmsprop_higher(
+    param: Tensor,
+    grad: Tensor,
+    state: State,
+    *,
+    lr: Scalar = 1e-2,
+    alpha: Scalar = 0.99,
+    eps: Scalar = 1e-8,
+    weight_decay: Scalar = 0,
+    momentum: Scalar = 0,
+    centered: bool = False,
+    maximize: bool = False,
+) -> tuple[Tensor, State]:
+    """:func:`rmsprop` with higher 0.2.1's order of operations and rounding.
+
+    Same formula, arguments and state as :func:`rmsprop`.
+    """
+    step = _next_step(state)
+    grad = _signed(grad, maximize)
+    if not _is_zero(weight_decay):
+        grad = grad + weight_decay * param
+    square_avg = _zeros_like(state, "square_avg", param) * alpha + (1 - alpha) * grad * grad
+    new_state = {**state, "step": step, "square_avg": square_avg}
+    if centered:
+        grad_avg = _zeros_like(state, "grad_avg", param) * alpha + (1 - alpha) * grad
+        new_state["grad_avg"] = grad_avg
+        avg = _safe_sqrt(square_avg + -1 * grad_avg * grad_avg) + eps
+    else:
+        avg = _safe_sqrt(square_avg) + eps
+    if _is_tensor(momentum) or momentum > 0:
+        buf = _zeros_like(state, "momentum_buffer", param) * momentum + 1.0 * (grad / avg)
+        new_state["momentum_buffer"] = buf
+        return param + (-lr) * buf, new_state
+    return param + (-lr) * (grad / avg), new_state
+
+
 def rprop(
     param: Tensor,
     grad: Tensor,
@@ -750,6 +1060,41 @@ def rprop(
     # gradient becomes `prev`, so the next step treats it as neither agreeing nor flipping.
     grad = torch.where(flipped, torch.zeros_like(grad), grad)
     new_param = param - grad.sign() * step_size
+    return new_param, {**state, "step": step, "prev": grad, "step_size": step_size}
+
+
+def rprop_higher(
+    param: Tensor,
+    grad: Tensor,
+    state: State,
+    *,
+    lr: Scalar = 1e-2,
+    etas: tuple[Scalar, Scalar] = (0.5, 1.2),
+    step_sizes: tuple[Scalar, Scalar] = (1e-6, 50),
+    maximize: bool = False,
+) -> tuple[Tensor, State]:
+    """:func:`rprop` as higher 0.2.1 computed it.
+
+    The factor is built from ``sign(g * p_{t-1})`` by replacing, in turn, positives with
+    ``etaplus``, negatives with ``etaminus`` and zeros with 1, and a coordinate does not move
+    where the factor equals ``etaminus`` (the same as "the sign flipped" unless ``etaminus``
+    is 1 or ``etaplus``). Same arguments and state as :func:`rprop`.
+    """
+    etaminus, etaplus = etas
+    step_size_min, step_size_max = step_sizes
+    step = _next_step(state)
+    grad = _signed(grad, maximize)
+    prev = _zeros_like(state, "prev", param)
+    step_size = state.get("step_size")
+    if step_size is None:
+        step_size = _filled_like(param, lr)
+    factor = (grad * prev).sign()
+    factor = torch.where(factor > 0, etaplus, factor)
+    factor = torch.where(factor < 0, etaminus, factor)
+    factor = torch.where(factor == 0, torch.ones_like(factor), factor)
+    step_size = _clamp(step_size * factor, step_size_min, step_size_max)
+    grad = torch.where(factor == etaminus, torch.zeros_like(grad), grad)
+    new_param = param + -1 * grad.sign() * step_size
     return new_param, {**state, "step": step, "prev": grad, "step_size": step_size}
 
 
@@ -900,27 +1245,36 @@ def _rectification(rho_t: Scalar, rho_inf: Scalar) -> Scalar:
     return ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
 
 
-def _rule(update: Callable[..., tuple[Tensor, State]]) -> UpdateRule:
-    """Pair ``update`` with its keyword-only parameters, the one list of its hyperparameters."""
+def _rule(
+    update: Callable[..., tuple[Tensor, State]],
+    higher: Optional[Callable[..., tuple[Tensor, State]]] = None,
+) -> UpdateRule:
+    """Pair ``update`` with its keyword-only parameters, the one list of its hyperparameters,
+    and with its higher-numerics variant, which must take exactly the same ones."""
     parameters = inspect.signature(update).parameters.values()
     keys = tuple(p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY)
-    return UpdateRule(update, keys)
+    if (
+        higher is not None
+        and inspect.signature(higher).parameters != inspect.signature(update).parameters
+    ):
+        raise TypeError(f"{higher.__name__} must take the same arguments as {update.__name__}")
+    return UpdateRule(update, keys, higher)
 
 
 RULES: dict[str, UpdateRule] = {
-    update.__name__: _rule(update)
-    for update in (
-        sgd,
-        adam,
-        adamw,
-        adadelta,
-        adagrad,
-        adamax,
-        asgd,
-        rmsprop,
-        rprop,
-        nadam,
-        radam,
+    update.__name__: _rule(update, higher)
+    for update, higher in (
+        (sgd, sgd_higher),
+        (adam, adam_higher),
+        (adamw, None),
+        (adadelta, adadelta_higher),
+        (adagrad, adagrad_higher),
+        (adamax, adamax_higher),
+        (asgd, asgd_higher),
+        (rmsprop, rmsprop_higher),
+        (rprop, rprop_higher),
+        (nadam, None),
+        (radam, None),
     )
 }
 """Every rule, keyed by the lower-case name of its ``torch.optim`` class."""

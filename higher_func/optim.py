@@ -14,15 +14,33 @@ Example:
     ...     diffopt.step(fmodel(torch.randn(8, 3)).pow(2).mean())
     >>> fmodel(torch.randn(8, 3)).sum().backward()  # through all three Adam steps
 
-Differs from higher: the numerics are today's ``torch.optim`` ones (higher's Adam places
-``eps`` differently, higher ignores ``maximize``); frozen parameters stay frozen when not
-tracking higher-order gradients; there is no gradient hook to hide NaNs (the rules avoid them).
+Numerics: by default every step rounds as today's ``torch.optim`` does. To reproduce results
+obtained with higher 0.2.1 bit for bit (its SGD rounds ``p - lr * g`` twice, its Adam adds
+``eps`` before the bias correction, and so on), switch to higher's numerics without touching
+the legacy code, with the environment variable ``HIGHER_FUNC_NUMERICS=higher`` (read at
+import; ``torch`` or empty is the default, anything else an error), or in code::
+
+    higher_func.optim.numerics("higher")          # from now on
+    with higher_func.optim.numerics("higher"):    # only inside the block
+        ...
+    higher_func.optim.get_numerics()              # "torch" or "higher"
+
+The mode is read at every ``step``. It covers the optimizers higher shipped (SGD, Adam,
+Adadelta, Adagrad, Adamax, ASGD, RMSprop, Rprop); AdamW, NAdam and RAdam, which higher did not
+have, always use torch.optim's numerics.
+
+Differs from higher: the numerics are today's ``torch.optim`` ones unless switched (see
+above); higher ignored ``maximize``, which is honoured in both modes; frozen parameters stay
+frozen when not tracking higher-order gradients; there is no gradient hook to hide NaNs (the
+rules avoid them); ``reference_params`` that leave out frozen parameters are matched to the
+patched module's weights by identity, not by position.
 """
 
 from __future__ import annotations
 
 import collections
 import math
+import os
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Type
 
 import torch
@@ -56,7 +74,88 @@ __all__ = [
     "register_optim",
     "get_trainable_opt_params",
     "apply_trainable_opt_params",
+    "numerics",
+    "get_numerics",
 ]
+
+# -- numerics switch ------------------------------------------------------------------------------
+_NUMERICS_MODES = ("torch", "higher")
+_NUMERICS_ENV = "HIGHER_FUNC_NUMERICS"
+
+
+def _checked_mode(mode: Any, where: str) -> str:
+    if mode not in _NUMERICS_MODES:
+        raise ValueError(
+            f"{where} must be 'torch' (today's torch.optim numerics, the default) or 'higher' "
+            f"(higher 0.2.1's, to reproduce old results), got {mode!r}"
+        )
+    return mode
+
+
+def _numerics_from_environment() -> str:
+    value = os.environ.get(_NUMERICS_ENV, "")
+    return "torch" if value == "" else _checked_mode(value, f"environment variable {_NUMERICS_ENV}")
+
+
+# One process-wide mode (not per thread): it describes which results a program reproduces.
+_numerics = _numerics_from_environment()
+
+
+class _NumericsScope:
+    """What ``numerics(mode)`` returns: the mode is already set; leaving a ``with`` block
+    restores the one before."""
+
+    def __init__(self, previous: str, mode: str) -> None:
+        self._previous = previous
+        self._mode = mode
+
+    def __enter__(self) -> "_NumericsScope":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        global _numerics
+        _numerics = self._previous
+
+    def __repr__(self) -> str:
+        return f"numerics({self._mode!r})"
+
+
+def numerics(mode: str) -> _NumericsScope:
+    """Choose whose numerics the differentiable optimizers reproduce.
+
+    Args:
+        mode: ``"torch"`` (the default): every step rounds as today's ``torch.optim`` does.
+            ``"higher"``: every step of an optimizer that higher 0.2.1 shipped rounds as
+            higher did (see ``UpdateRule.higher`` in ``higher_func._rules``), so unrolls and
+            meta-gradients of a legacy program equal the old ones bit for bit.
+
+    Returns:
+        A context manager. The mode is set at once (a plain call changes it for good); used
+        in a ``with`` statement, the previous mode comes back at the end of the block.
+
+    Raises:
+        ValueError: ``mode`` is neither ``"torch"`` nor ``"higher"``.
+
+    Example:
+        >>> with numerics("higher"):
+        ...     get_numerics()
+        'higher'
+        >>> get_numerics()
+        'torch'
+
+    The environment variable ``HIGHER_FUNC_NUMERICS`` sets the initial mode at import, for
+    programs that cannot be edited. The mode is process-wide, not per thread, and is read at
+    every ``step``.
+    """
+    global _numerics
+    scope = _NumericsScope(_numerics, _checked_mode(mode, "numerics(mode)"))
+    _numerics = mode
+    return scope
+
+
+def get_numerics() -> str:
+    """The current numerics mode, ``"torch"`` or ``"higher"`` (see ``numerics``)."""
+    return _numerics
 
 
 class DifferentiableOptimizer:
@@ -66,12 +165,20 @@ class DifferentiableOptimizer:
         other: the optimizer to copy (hyperparameters, parameter groups and any state it has
             accumulated, e.g. momentum after some ordinary training steps).
         reference_params: the parameters of the model ``other`` optimizes, in
-            ``model.parameters()`` order; the fast weights passed to ``step`` follow it.
+            ``model.parameters()`` order; the fast weights passed to ``step`` follow it. With
+            ``fmodel``, they may be any subset of the patched module's own parameters (the
+            trainable ones, say): they are found in it by identity, ``step`` then takes and
+            returns all of its fast weights in ``model.parameters()`` order, and updates only
+            those of ``reference_params`` (the others keep their values).
         fmodel: optional patched module whose fast weights ``step`` reads and updates.
         device: optional device to move the copied state to.
         override: optional ``{hyperparameter: [value]}`` (one value for all groups) or
-            ``{hyperparameter: [v_group0, v_group1, ...]}``; values may be tensors requiring
-            grad (a learned learning rate), through which hypergradients flow.
+            ``{hyperparameter: [v_group0, v_group1, ...]}``; any sequence works in place of
+            the list (an ``nn.ParameterList``, a slice of one), and for pair hyperparameters
+            such as ``betas`` too. Values may be tensors requiring grad (a learned learning
+            rate), through which hypergradients flow: one value, or elementwise values
+            broadcastable to the shape of every parameter of the group (per-parameter
+            learning rates); batched, see ``num_tasks``.
         grad_callback: optional ``f(grads) -> grads`` applied to the list of gradients
             (``reference_params`` order, ``None`` for frozen or unused weights) on every step,
             e.g. for clipping.
@@ -82,11 +189,20 @@ class DifferentiableOptimizer:
             the first-order MAML approximation (FOMAML) instead of ``None``.
         num_tasks: the number of stacked tasks (defaults to ``fmodel.num_tasks``): the fast
             weights are ``[num_tasks, *shape]``, ``step`` takes one loss per task and the state
-            is per task. A tensor hyperparameter of shape ``[num_tasks]`` is per task.
+            is per task. A tensor hyperparameter then has one of the shapes ``[num_tasks]``
+            (one value per task), ``[*shape]`` or anything broadcastable to it (the same
+            elementwise values for every task), or ``[num_tasks, *shape]`` (elementwise per
+            task; broadcastable to it, e.g. ``[1, *shape]``). A 1-D ``[num_tasks]`` is
+            always per task, even for a 1-D weight of that length: write ``[1, num_tasks]``
+            for elementwise values shared by every task there.
 
     Raises:
         ValueError: a parameter of ``other`` is not among ``reference_params``, or
-            ``override`` does not fit the parameter groups.
+            ``override`` does not fit the parameter groups (count, type, or a tensor's shape).
+
+    Differs from higher: with ``fmodel``, ``reference_params`` that leave out some of the
+    module's parameters are matched by identity; higher matched them by position and
+    silently updated the wrong weights.
     """
 
     #: The pure update rule of this optimizer (see ``higher_func._rules``). Subclasses written
@@ -111,7 +227,12 @@ class DifferentiableOptimizer:
             raise TypeError(f"expected a torch.optim.Optimizer, got {type(other).__name__}")
         self.num_tasks = _num_tasks(num_tasks, fmodel)
         reference_params = list(reference_params)
-        position = {id(p): i for i, p in enumerate(reference_params)}
+        # Fast weights (what step() updates) follow the patched module's parameter order when
+        # the reference parameters are that module's own: then a trainable subset (frozen
+        # parameters left out) is mapped by identity and the others are carried over. Any
+        # other reference list (e.g. create_diff_optim's placeholders) is positional.
+        fast_weights = _module_parameters(fmodel, reference_params)
+        position = {id(p): i for i, p in enumerate(fast_weights)}
         self.param_groups: List[Dict[str, Any]] = []
         self._group_to_param_list: List[List[int]] = []
         self.state: List[Dict[int, Dict[str, Any]]] = []
@@ -133,8 +254,8 @@ class DifferentiableOptimizer:
             for i, p in enumerate(group["params"]):
                 if other.state.get(p):
                     self.state[g][i] = _import_state(other.state[p], device, self.num_tasks)
-        self._num_params = len(reference_params)
-        self._shapes = [p.shape for p in reference_params]
+        self._num_params = len(fast_weights)
+        self._shapes = [p.shape for p in fast_weights]
         if override is not None:
             self._apply_override(override)
         self._grad_callback = grad_callback
@@ -172,7 +293,7 @@ class DifferentiableOptimizer:
         # optimizer (overrides included) as it was.
         _no_unknown_options("step()", kwargs)
         if override is not None:
-            override = _check_override(override, self.param_groups, self.num_tasks)
+            override = self._check_override(override)
         params = self._current_params(params)
         self._check_loss(loss)
         grads = self._gradients(loss, params)
@@ -304,18 +425,25 @@ class DifferentiableOptimizer:
             raise NotImplementedError(
                 f"{type(self).__name__} defines neither a `rule` nor an `_update` method"
             )
+        update = rule.select(_numerics)
         for group, grads, states in zip(self.param_groups, grouped_grads, self.state):
             hyper = {k: group[k] for k in rule.hyperparameters if k in group}
-            per_task = self.num_tasks is not None and _has_per_task(hyper)
+            per_task = self.num_tasks is not None and _has_per_task(hyper, self.num_tasks)
             params = group["params"]
             for i, g in enumerate(grads):
                 if g is not None:
-                    h = _broadcast_per_task(hyper, params[i].dim()) if per_task else hyper
-                    params[i], states[i] = rule.update(params[i], g, states[i], **h)
+                    h = hyper
+                    if per_task:
+                        h = _broadcast_per_task(hyper, params[i].dim(), self.num_tasks)
+                    params[i], states[i] = update(params[i], g, states[i], **h)
 
     # -- overrides ---------------------------------------------------------------------------------
+    def _check_override(self, override: Any) -> _OverrideType:
+        group_shapes = [[self._shapes[i] for i in m] for m in self._group_to_param_list]
+        return _check_override(override, self.param_groups, self.num_tasks, group_shapes)
+
     def _apply_override(self, override: _OverrideType) -> None:
-        override = _check_override(override, self.param_groups, self.num_tasks)
+        override = self._check_override(override)
         for key, values in override.items():
             for g, group in enumerate(self.param_groups):
                 value = values[0] if len(values) == 1 else values[g]
@@ -443,19 +571,27 @@ def _as_scalar_if_single(x: Any) -> Any:
     return x
 
 
-def _has_per_task(hyper: Dict[str, Any]) -> bool:
+def _is_per_task(x: Any, num_tasks: int) -> bool:
+    return isinstance(x, torch.Tensor) and x.shape == (num_tasks,)
+
+
+def _has_per_task(hyper: Dict[str, Any], num_tasks: int) -> bool:
     return any(
-        isinstance(leaf, torch.Tensor) and leaf.dim() == 1
+        _is_per_task(leaf, num_tasks)
         for value in hyper.values()
         for leaf in (value if isinstance(value, (tuple, list)) else (value,))
     )
 
 
-def _broadcast_per_task(hyper: Dict[str, Any], ndim: int) -> Dict[str, Any]:
-    """Reshape ``[T]`` hyperparameters to ``[T, 1, ...]`` to broadcast over a weight's dims."""
+def _broadcast_per_task(hyper: Dict[str, Any], ndim: int, num_tasks: int) -> Dict[str, Any]:
+    """Reshape ``[T]`` hyperparameters to ``[T, 1, ...]`` to broadcast over a weight's dims.
+
+    Elementwise ones (``[*shape]``, ``[T, *shape]``) already broadcast against the stacked
+    ``[T, *shape]`` weight as they are.
+    """
 
     def reshape(x: Any) -> Any:
-        if isinstance(x, torch.Tensor) and x.dim() == 1:
+        if _is_per_task(x, num_tasks):
             return x.reshape(-1, *([1] * (ndim - 1)))
         return x
 
@@ -470,56 +606,127 @@ def _select_task(value: Any, task: int, num_tasks: Optional[int]) -> Any:
     return value
 
 
+def _as_list(value: Any) -> Optional[List[Any]]:
+    """``value`` as a list if it is a sequence (``len()`` and indexing, as higher required:
+    a list, a tuple, an ``nn.ParameterList`` or a slice of one), else None."""
+    if isinstance(value, (str, bytes, dict, torch.Tensor)):
+        return None
+    if not (hasattr(value, "__len__") and hasattr(value, "__getitem__")):
+        return None
+    return [value[i] for i in range(len(value))]
+
+
 def _check_override(
-    override: Any, groups: List[Dict[str, Any]], num_tasks: Optional[int] = None
+    override: Any,
+    groups: List[Dict[str, Any]],
+    num_tasks: Optional[int] = None,
+    group_shapes: Optional[List[List[torch.Size]]] = None,
 ) -> _OverrideType:
-    """Validate ``{key: [value] or [value per group]}`` against the optimizer's groups."""
+    """Validate ``{key: [value] or [value per group]}`` against the optimizer's groups.
+
+    Args:
+        group_shapes: the (unstacked) shapes of each group's weights, against which tensor
+            values may be elementwise; None allows only one value per tensor.
+
+    Returns:
+        A new dict with every sequence turned into a list, and pair values (``betas``) into
+        the type of the group's current value, so no ``nn.ParameterList`` reaches a group.
+    """
     if not isinstance(override, dict):
         raise TypeError(f"override must be a dict of lists, got {type(override).__name__}")
+    checked: _OverrideType = {}
     for key, values in override.items():
         if key == "params" or key not in groups[0]:
             known = sorted(k for k in groups[0] if k != "params")
             raise KeyError(f"override names {key!r}, which is not a hyperparameter of {known}")
-        if not isinstance(values, (list, tuple)):
+        as_list = _as_list(values)
+        if as_list is None:
             raise TypeError(
-                f"override[{key!r}] must be a list: [value] for all groups or one value per "
-                f"group, got {type(values).__name__}"
+                f"override[{key!r}] must be a list (or any sequence, e.g. an "
+                "nn.ParameterList): [value] for all groups or one value per group, got "
+                f"{type(values).__name__}"
             )
-        if len(values) not in (1, len(groups)):
+        if len(as_list) not in (1, len(groups)):
             raise ValueError(
-                f"override[{key!r}] has {len(values)} values; expected 1 or one per parameter "
-                f"group ({len(groups)})"
+                f"override[{key!r}] has {len(as_list)} values; expected 1 or one per "
+                f"parameter group ({len(groups)})"
             )
-        for value in values:
-            _check_override_value(key, value, groups[0][key], num_tasks)
-    return override
+        checked[key] = []
+        for g, value in enumerate(as_list):
+            if group_shapes is None:
+                shapes = None
+            elif len(as_list) == 1:
+                shapes = [shape for group in group_shapes for shape in group]
+            else:
+                shapes = group_shapes[g]
+            checked[key].append(
+                _check_override_value(key, value, groups[0][key], num_tasks, shapes)
+            )
+    return checked
 
 
-def _check_override_value(key: str, value: Any, current: Any, num_tasks: Optional[int]) -> None:
+def _check_override_value(
+    key: str,
+    value: Any,
+    current: Any,
+    num_tasks: Optional[int],
+    shapes: Optional[List[torch.Size]],
+) -> Any:
+    """Check one override value against the group's current one; return it normalised."""
     if isinstance(current, bool) or current is None or isinstance(current, str):
         if type(value) is not type(current):
             raise TypeError(f"override[{key!r}] must be a {type(current).__name__}, got {value!r}")
     elif isinstance(current, (tuple, list)):
-        if not isinstance(value, (tuple, list)) or len(value) != len(current):
+        items = _as_list(value)
+        if items is None or len(items) != len(current):
             raise TypeError(
                 f"override[{key!r}] must be a sequence of {len(current)} numbers or tensors, "
                 f"got {value!r}"
             )
-        for v, c in zip(value, current):
-            _check_override_value(key, v, c, num_tasks)
+        return type(current)(
+            _check_override_value(key, v, c, num_tasks, shapes) for v, c in zip(items, current)
+        )
     elif isinstance(value, torch.Tensor):
         if not value.is_floating_point():
             raise TypeError(f"override[{key!r}] must be a floating-point tensor, got {value.dtype}")
-        per_task = num_tasks is not None and value.shape == (num_tasks,)
-        if value.numel() != 1 and not per_task:
-            expected = "one value" + ("" if num_tasks is None else f" or shape ({num_tasks},)")
-            raise ValueError(
-                f"override[{key!r}] has shape {tuple(value.shape)}; expected {expected}"
-            )
+        if value.numel() != 1:
+            _check_elementwise(key, value, num_tasks, shapes)
     elif not _is_number(value):
         raise TypeError(f"override[{key!r}] must be a number or a tensor, got {value!r}")
     elif not math.isfinite(value):
         raise ValueError(f"override[{key!r}] must be finite, got {value!r}")
+    return value
+
+
+def _check_elementwise(
+    key: str, value: torch.Tensor, num_tasks: Optional[int], shapes: Optional[List[torch.Size]]
+) -> None:
+    """A tensor hyperparameter of more than one value must broadcast to every weight it
+    scales without changing that weight's shape (see ``DifferentiableOptimizer``)."""
+    if num_tasks is not None and value.shape == (num_tasks,):
+        return
+    if shapes is None:
+        raise ValueError(
+            f"override[{key!r}] has shape {tuple(value.shape)}; expected one value here"
+        )
+    for shape in shapes:
+        target = tuple(shape)
+        if num_tasks is not None and value.dim() == len(shape) + 1:
+            target = (num_tasks, *shape)
+        try:
+            fits = (
+                value.dim() <= len(target) and torch.broadcast_shapes(value.shape, target) == target
+            )
+        except RuntimeError:
+            fits = False
+        if not fits:
+            expected = f"one value or a shape broadcastable to {tuple(shape)}"
+            if num_tasks is not None:
+                expected += f", ({num_tasks},) or ({num_tasks}, *{tuple(shape)})"
+            raise ValueError(
+                f"override[{key!r}] has shape {tuple(value.shape)}, which does not fit a "
+                f"weight of shape {tuple(shape)} in its group; expected {expected}"
+            )
 
 
 def _import_state(
@@ -792,3 +999,62 @@ def _write_back(value: Any, target: Any) -> Any:
             target.copy_(value)
         return target
     return _to_python(value) if isinstance(value, torch.Tensor) else value
+
+
+# -- higher's arithmetic helpers --------------------------------------------------------------
+# Optimizer subclasses written for higher (copied from its own) call these module-level
+# helpers, with higher's argument order: an optional coefficient first, as in the deprecated
+# ``torch.add(tensor, value, other)``. They compute exactly what higher's did (one product,
+# then one sum), so such subclasses reproduce their old numbers.
+
+
+def _add(tensor: torch.Tensor, a1: Any, a2: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``tensor + a1``, or ``tensor + a1 * a2`` when ``a2`` is given (``a1`` the coefficient)."""
+    if a2 is None:
+        return tensor + 1.0 * a1
+    return tensor + a1 * a2
+
+
+def _addcdiv(
+    tensor: torch.Tensor, a1: Any, a2: torch.Tensor, a3: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """``tensor + a1 / a2``, or ``tensor + a1 * (a2 / a3)`` when ``a3`` is given."""
+    if a3 is None:
+        return tensor + 1.0 * (a1 / a2)
+    return tensor + a1 * (a2 / a3)
+
+
+def _addcmul(
+    tensor: torch.Tensor, a1: Any, a2: torch.Tensor, a3: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """``tensor + a1 * a2``, or ``tensor + a1 * a2 * a3`` when ``a3`` is given."""
+    if a3 is None:
+        return tensor + 1.0 * a1 * a2
+    return tensor + a1 * a2 * a3
+
+
+def _module_parameters(fmodel: Any, reference_params: List[torch.Tensor]) -> List[torch.Tensor]:
+    """The tensors whose order ``step``'s fast weights follow.
+
+    The patched module's own parameters (as resolved at patch time) when ``reference_params``
+    are among them, so a subset is placed by identity; otherwise ``reference_params``.
+
+    Raises:
+        ValueError: some reference parameters belong to the patched module and some do not.
+    """
+    root = getattr(fmodel, "_root", None)
+    originals = getattr(getattr(root, "_plan", None), "params", None)
+    if not originals:
+        return reference_params
+    own = {id(p) for p in originals}
+    found = [id(p) in own for p in reference_params]
+    if not any(found):
+        return reference_params
+    if not all(found):
+        i = found.index(False)
+        raise ValueError(
+            f"reference_params[{i}] (shape {tuple(reference_params[i].shape)}) is not a "
+            "parameter of the patched module, but others are: pass parameters of the module "
+            "that was patched (all of them, or the trainable ones)"
+        )
+    return list(originals)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -466,6 +467,40 @@ def test_meta_gradients_match_higher(case):
     rtol = 1e-6 if case.opt_type is torch.optim.Adagrad else 1e-8
     assert_rel_close(ours_fast, theirs_fast, rtol=rtol)
     assert_rel_close(_grads_of(model.parameters()), _grads_of(theirs.parameters()), rtol=rtol)
+
+
+def _assert_bitwise(actual, expected) -> None:
+    for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
+        assert a.dtype == e.dtype and torch.equal(a, e), f"tensor {i}: {(a - e).abs().max()}"
+
+
+@HIGHER_RMSPROP_WARNING
+@HIGHER_RPROP_WARNING
+# higher's ASGD calls math.pow on a learned lr.
+@pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad=True:UserWarning")
+@over_dtypes
+@pytest.mark.parametrize("learned_lr", [False, True], ids=["lr", "learned_lr"])
+@pytest.mark.parametrize("case", HIGHER_CASES, ids=lambda c: c.id)
+def test_higher_numerics_reproduce_higher_bitwise(case, learned_lr, dtype):
+    """Under numerics("higher"), four unrolled steps and the meta-gradients (into the initial
+    weights and a learned per-group learning rate) equal higher 0.2.1's bit for bit."""
+    model = _mlp(dtype)
+    theirs = copy.deepcopy(model)
+    support, query = _batches(dtype, 4)
+    lrs = [[torch.tensor(v, dtype=dtype, requires_grad=True) for v in (0.03, 0.02)] for _ in "ab"]
+    if learned_lr:
+        ours_ctx = functools.partial(higher_func.innerloop_ctx, override={"lr": lrs[0]})
+        theirs_ctx = functools.partial(higher.innerloop_ctx, override={"lr": lrs[1]})
+    else:
+        ours_ctx, theirs_ctx = higher_func.innerloop_ctx, higher.innerloop_ctx
+    with higher_func.optim.numerics("higher"):
+        ours_fast = _maml(ours_ctx, case, model, support, query)
+    theirs_fast = _maml(theirs_ctx, case, theirs, support, query)
+    _assert_bitwise(ours_fast, theirs_fast)
+    _assert_bitwise(_grads_of(model.parameters()), _grads_of(theirs.parameters()))
+    # higher's ASGD turns lr into a Python float inside eta (math.pow), cutting that path.
+    if learned_lr and case.opt_type is not torch.optim.ASGD:
+        _assert_bitwise(_grads_of(lrs[0]), _grads_of(lrs[1]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1184,3 +1219,41 @@ def test_grad_callback_per_constructor_and_per_step(case):
         twin_opt.step()
         assert_rel_close(fmodel.parameters(), twin.parameters(), rtol=_rtol_vs_torch(case))
     assert seen == [[False, True, False, False]] * 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Elementwise (per-coordinate) hyperparameters, batched: the three shapes a tensor may have.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["shape", "tasks_and_shape", "tasks"])
+@pytest.mark.parametrize("opt_type", [torch.optim.SGD, torch.optim.Adam], ids=["sgd", "adam"])
+def test_batched_elementwise_learning_rates_equal_a_loop_over_tasks(layout, opt_type):
+    tasks = 3
+    model = _seeded(0, lambda: nn.Linear(3, 2))
+    generator = torch.Generator().manual_seed(7)
+    shapes = [p.shape for p in model.parameters()]
+    if layout == "shape":  # [*shape]: the same per-coordinate values for every task
+        lrs = [0.05 + 0.1 * torch.rand(s, generator=generator) for s in shapes]
+        of_task = lambda t: lrs  # noqa: E731
+    elif layout == "tasks_and_shape":  # [T, *shape]: per task and per coordinate
+        lrs = [0.05 + 0.1 * torch.rand(tasks, *s, generator=generator) for s in shapes]
+        of_task = lambda t: [lr[t] for lr in lrs]  # noqa: E731
+    else:  # [T]: one value per task
+        lrs = [0.05 + 0.1 * torch.rand(tasks, generator=generator) for _ in shapes]
+        of_task = lambda t: [lr[t] for lr in lrs]  # noqa: E731
+    x = torch.randn(tasks, 5, 3, generator=generator)
+    y = torch.randn(tasks, 5, 2, generator=generator)
+    opt = opt_type([{"params": [p]} for p in model.parameters()], lr=0.1)
+
+    ctx = higher_func.innerloop_ctx(model, opt, num_tasks=tasks, override={"lr": lrs})
+    with ctx as (fmodel, diffopt):
+        for _ in range(3):
+            diffopt.step(((fmodel(x) - y) ** 2).mean(dim=(1, 2)))
+        batched = list(fmodel.parameters())
+    for t in range(tasks):
+        with higher_func.innerloop_ctx(model, opt, override={"lr": of_task(t)}) as (f, d):
+            for _ in range(3):
+                d.step(((f(x[t]) - y[t]) ** 2).mean())
+            for stacked, single in zip(batched, f.parameters(), strict=True):
+                torch.testing.assert_close(stacked[t], single, rtol=1e-6, atol=1e-7)

@@ -9,11 +9,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import higher_func
 from higher_func.optim import (
     DifferentiableOptimizer,
+    apply_trainable_opt_params,
     create_diff_optim,
     get_diff_optim,
     register_optim,
@@ -264,3 +267,71 @@ def test_misspelt_options_are_refused():
     diffopt = higher_func.get_diff_optim(opt, model.parameters(), fmodel=fmodel)
     with pytest.raises(TypeError, match="overide"):
         diffopt.step(_loss(fmodel), overide={"lr": [0.5]})
+
+
+def test_elementwise_override_that_does_not_fit_names_key_and_shapes():
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD([{"params": [model.weight]}, {"params": [model.bias]}], lr=0.1)
+    with pytest.raises(ValueError, match=r"override\['lr'\] has shape \(2,\).*\(2, 3\)"):
+        get_diff_optim(opt, model.parameters(), override={"lr": [torch.ones(2), torch.ones(2)]})
+    # One value for every group must fit the weight and the bias alike.
+    with pytest.raises(ValueError, match=r"shape \(2, 3\).*weight of shape \(2,\)"):
+        get_diff_optim(opt, model.parameters(), override={"lr": [torch.ones(2, 3)]})
+    # Per-group values that fit are accepted, as is a broadcastable (1, 3) row.
+    get_diff_optim(opt, model.parameters(), override={"lr": [torch.ones(1, 3), torch.ones(2)]})
+
+
+def test_batched_elementwise_override_shapes():
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD([{"params": [model.weight]}, {"params": [model.bias]}], lr=0.1)
+    fmodel = higher_func.monkeypatch(model, num_tasks=4)
+    fine = [
+        [torch.ones(4), torch.ones(4)],  # per task
+        [torch.ones(2, 3), torch.ones(2)],  # per coordinate, shared by the tasks
+        [torch.ones(4, 2, 3), torch.ones(4, 2)],  # per task and coordinate
+        [torch.ones(1, 2, 3), torch.ones(4, 1)],  # broadcastable to those
+    ]
+    for lrs in fine:
+        get_diff_optim(opt, model.parameters(), fmodel=fmodel, override={"lr": lrs})
+    with pytest.raises(ValueError, match=r"has shape \(3, 2, 3\).*\(4,\) or \(4, \*\(2, 3\)\)"):
+        get_diff_optim(
+            opt, model.parameters(), fmodel=fmodel, override={"lr": [torch.ones(3, 2, 3), 0.1]}
+        )
+    with pytest.raises(ValueError, match=r"has shape \(1, 4, 2, 3\)"):
+        get_diff_optim(
+            opt, model.parameters(), fmodel=fmodel, override={"lr": [torch.ones(1, 4, 2, 3), 0.1]}
+        )
+
+
+def test_apply_trainable_opt_params_refuses_elementwise_values():
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"override\['lr'\] has shape \(2, 3\); expected one"):
+        apply_trainable_opt_params(opt, {"lr": [torch.ones(2, 3)]})
+
+
+_dims = st.lists(st.integers(1, 3), min_size=0, max_size=3).map(tuple)
+
+
+@settings(max_examples=60, deadline=None)
+@given(shape=_dims.filter(lambda s: len(s) > 0), lr_shape=_dims)
+def test_an_elementwise_lr_is_accepted_exactly_when_it_broadcasts_to_the_weight(shape, lr_shape):
+    weight = torch.zeros(shape, requires_grad=True)
+    opt = torch.optim.SGD([weight], lr=0.1)
+    lr = torch.full(lr_shape, 0.5)
+    try:
+        fits = torch.broadcast_shapes(lr_shape, shape) == shape
+    except RuntimeError:
+        fits = False
+    fits = fits or lr.numel() == 1
+    if not fits:
+        with pytest.raises(ValueError, match=r"override\['lr'\] has shape"):
+            get_diff_optim(opt, [weight], override={"lr": [lr]})
+        return
+    diffopt = get_diff_optim(opt, [weight], override={"lr": [lr]})
+    fast = weight.clone()
+    (new,) = diffopt.step((fast * torch.arange(fast.numel()).reshape(shape)).sum(), params=[fast])
+    assert new.shape == weight.shape
+    torch.testing.assert_close(
+        new, -0.5 * torch.arange(fast.numel(), dtype=new.dtype).reshape(shape)
+    )

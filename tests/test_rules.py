@@ -117,6 +117,10 @@ CASES: list[tuple[str, dict[str, Any]]] = [
     ),
 ]
 CASE_IDS = [f"{name}-{i}" for i, (name, _) in enumerate(CASES)]
+
+#: The optimizers higher 0.2.1 shipped: each rule has a variant with higher's numerics.
+IN_HIGHER = {"sgd", "adam", "adadelta", "adagrad", "adamax", "asgd", "rmsprop", "rprop"}
+over_numerics = pytest.mark.parametrize("numerics", ["torch", "higher"])
 TOLERANCES = {
     torch.float32: {"rtol": 1e-6, "atol": 1e-7},
     torch.float64: {"rtol": 1e-10, "atol": 1e-12},
@@ -555,9 +559,10 @@ def test_tensor_hyperparameters_match_floats_and_get_grads(name, hyper):
     assert all(g is not None and torch.isfinite(g) for g in grads)
 
 
+@over_numerics
 @pytest.mark.parametrize("tensor_hyper", [False, True], ids=["floats", "tensors"])
 @pytest.mark.parametrize(("name", "hyper"), CASES, ids=CASE_IDS)
-def test_rules_do_not_mutate_inputs(name, hyper, tensor_hyper):
+def test_rules_do_not_mutate_inputs(name, hyper, tensor_hyper, numerics):
     dtype = torch.float64
     data = _data(dtype)
     hyper_tensors = []
@@ -572,7 +577,7 @@ def test_rules_do_not_mutate_inputs(name, hyper, tensor_hyper):
         tensors = [param, grad, *state_tensors, *hyper_tensors]
         before = [(t.detach().clone(), t._version) for t in tensors]
 
-        new_param, new_state = RULES[name].update(param, grad, state, **hyper)
+        new_param, new_state = RULES[name].select(numerics)(param, grad, state, **hyper)
 
         assert new_state is not state and new_param is not param
         assert state.keys() == snapshot.keys()
@@ -582,8 +587,9 @@ def test_rules_do_not_mutate_inputs(name, hyper, tensor_hyper):
             torch.testing.assert_close(tensor.detach(), value, rtol=0, atol=0)
 
 
+@over_numerics
 @pytest.mark.parametrize(("name", "hyper"), CASES, ids=CASE_IDS)
-def test_vmap_over_tasks_with_per_task_hyperparameters(name, hyper):
+def test_vmap_over_tasks_with_per_task_hyperparameters(name, hyper, numerics):
     """vmap over a task dim, every float hyperparameter a per-task tensor, equals one
     float-hyperparameter run per task."""
     dtype = torch.float64
@@ -591,7 +597,7 @@ def test_vmap_over_tasks_with_per_task_hyperparameters(name, hyper):
     generator = torch.Generator().manual_seed(3)
     param = torch.randn(len(factors), 4, generator=generator, dtype=dtype)
     grads = torch.randn(STEPS, len(factors), 4, generator=generator, dtype=dtype)
-    rule = RULES[name].update
+    rule = RULES[name].select(numerics)
     task_hypers = [
         _map_numbers(_all_hyperparameters(name, hyper), lambda v, f=f: v * f) for f in factors
     ]
@@ -622,11 +628,15 @@ def test_vmap_over_tasks_with_per_task_hyperparameters(name, hyper):
             batched_param, grad, tensor_state, batched_hyper, carried=dict(python_state)
         )
 
+    # higher's Adagrad divides a Python lr by torch.optim's float32 step counter (float32
+    # arithmetic), a float64 tensor lr by it in float64: per-task floats round to float32.
+    float32_lr = numerics == "higher" and name == "adagrad"
+    tolerance = {"rtol": 1e-6, "atol": 1e-8} if float32_lr else {"rtol": 1e-10, "atol": 1e-12}
     for task, task_hyper in enumerate(task_hypers):
         single, state = param[task], {}
         for grad in grads:
             single, state = rule(single, grad[task], state, **task_hyper)
-        torch.testing.assert_close(batched_param[task], single, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(batched_param[task], single, **tolerance)
 
 
 @pytest.mark.slow
@@ -657,3 +667,46 @@ def test_compiles_with_fullgraph_without_recompiling_every_step(name, hyper, ten
     assert counters["stats"]["unique_graphs"] <= 4
     (meta_grad,) = torch.autograd.grad(compiled_param.sum(), param)
     assert torch.isfinite(meta_grad).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# higher 0.2.1's numerics, and elementwise hyperparameters in both.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_every_optimizer_higher_shipped_has_a_higher_variant():
+    assert {name for name, rule in RULES.items() if rule.higher is not None} == IN_HIGHER
+    for name in IN_HIGHER:
+        rule = RULES[name]
+        assert rule.select("higher") is rule.higher and rule.select("torch") is rule.update
+        assert inspect.signature(rule.higher) == inspect.signature(rule.update)
+    assert RULES["adamw"].select("higher") is RULES["adamw"].update
+
+
+@over_numerics
+@pytest.mark.parametrize(("name", "hyper"), CASES, ids=CASE_IDS)
+def test_elementwise_hyperparameters_equal_one_run_per_coordinate(name, hyper, numerics):
+    """Every float hyperparameter shaped like the weight (a different value per coordinate)
+    gives, coordinate by coordinate, what that coordinate's own values give."""
+    dtype = torch.float64
+    rule = RULES[name].select(numerics)
+    coordinates = 4
+    generator = torch.Generator().manual_seed(4)
+    param = torch.randn(coordinates, generator=generator, dtype=dtype)
+    grads = torch.randn(STEPS, coordinates, generator=generator, dtype=dtype)
+    factors = torch.linspace(0.7, 1.0, coordinates, dtype=dtype)
+    floats = _all_hyperparameters(name, hyper)
+    elementwise = _map_numbers(floats, lambda v: torch.as_tensor(v, dtype=dtype) * factors)
+
+    def coordinate(i):
+        return _map_numbers(floats, lambda v: torch.as_tensor(v, dtype=dtype) * factors[i])
+
+    batched, state = param, {}
+    for grad in grads:
+        batched, state = rule(batched, grad, state, **elementwise)
+    assert batched.shape == param.shape
+    for i in range(coordinates):
+        single, single_state = param[i : i + 1], {}
+        for grad in grads:
+            single, single_state = rule(single, grad[i : i + 1], single_state, **coordinate(i))
+        torch.testing.assert_close(batched[i : i + 1], single, rtol=1e-12, atol=1e-14)
