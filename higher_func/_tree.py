@@ -32,7 +32,7 @@ from torch import nn
 # nn.Module's own bookkeeping containers (parameters, buffers, children, hooks, the set of
 # non-persistent buffers): each copy gets its own, so nothing done to a copy reaches the
 # user's module. Everything else in a module's __dict__ is shared with the original.
-_BOOKKEEPING = frozenset(
+_BOOKKEEPING = tuple(
     key for key, value in nn.Module().__dict__.items() if isinstance(value, (dict, set))
 )
 
@@ -90,12 +90,11 @@ def _refuse_checkpoint(module: nn.Module, args: Any) -> None:
 def _shallow_copy(module: nn.Module) -> nn.Module:
     """A copy of ``module`` sharing everything but nn.Module's bookkeeping containers."""
     copy = object.__new__(type(module))
-    state = copy.__dict__
-    state.update(module.__dict__)
+    state, original = copy.__dict__, module.__dict__
+    state.update(original)
     for key in _BOOKKEEPING:
-        value = state.get(key)
-        if value is not None:
-            state[key] = value.copy()
+        if key in original:
+            state[key] = original[key].copy()
     return copy
 
 

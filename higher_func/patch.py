@@ -340,12 +340,15 @@ class _MonkeyPatchBase:
 
     @fast_params.setter
     def fast_params(self, value: _Params) -> None:
-        value = self._as_param_list(value)
+        self._record(self._as_param_list(value))
+
+    def _record(self, params: List[_torch.Tensor]) -> None:
+        """Make checked ``params`` current: into the history and the copies' slots."""
         if self._fast_params is None or not self._track_higher_grads:
-            self.__dict__["_fast_params"] = [value]
+            self.__dict__["_fast_params"] = [params]
         else:
-            self._fast_params.append(value)
-        self._tree.write_params(value)
+            self._fast_params.append(params)
+        self._tree.write_params(params)
 
     @property
     def init_fast_params(self) -> List[_torch.Tensor]:
@@ -670,7 +673,7 @@ def monkeypatch(
             params = [fmodule._stack(p) for p in originals]
         if device is not None:
             params = [p.to(device) for p in params]
-        fmodule.update_params(params)
+        fmodule._record(params)  # made from the module's own parameters: nothing to check
 
     fmodule = make_functional(
         module, encapsulator=encapsulator, num_tasks=num_tasks, device=device, randomness=randomness
