@@ -14,6 +14,8 @@ import warnings
 import higher
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from zoo import assert_module_unchanged, snapshot, with_params
@@ -473,3 +475,53 @@ def test_patched_module_is_still_not_a_subclass_instance():
     fmodel = higher_func.monkeypatch(nn.Linear(2, 2))
     assert isinstance(fmodel, hf_patch._MonkeyPatchBase)
     assert not isinstance(fmodel, nn.Module)
+
+
+# ---------------------------------------------------------------------------------------------
+# Property: over random architectures, the patched module computes what a plain module holding
+# the fast weights computes, and leaves the model as it was.
+# ---------------------------------------------------------------------------------------------
+
+_LAYERS = {
+    "linear": lambda width: nn.Linear(width, width),
+    "tanh": lambda width: nn.Tanh(),
+    "layernorm": lambda width: nn.LayerNorm(width),
+    "batchnorm": lambda width: nn.BatchNorm1d(width),
+    "tied_pair": lambda width: _tied_pair(width),
+    "dropout_eval": lambda width: nn.Dropout(0.3).eval(),
+}
+
+
+def _tied_pair(width):
+    first, second = nn.Linear(width, width), nn.Linear(width, width)
+    second.weight = first.weight
+    return nn.Sequential(first, nn.Tanh(), second)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    layers=st.lists(st.sampled_from(sorted(_LAYERS)), min_size=1, max_size=5),
+    width=st.integers(1, 4),
+    num_tasks=st.sampled_from([None, 2]),
+    seed=st.integers(0, 2**16),
+)
+def test_random_architectures_compute_like_a_plain_module(layers, width, num_tasks, seed):
+    torch.manual_seed(seed)
+    model = nn.Sequential(*(_LAYERS[name](width) for name in layers), nn.Linear(width, 2))
+    before = snapshot(model)
+    fmodel = higher_func.monkeypatch(model, num_tasks=num_tasks)
+    new = [p + 0.3 * torch.randn_like(p) for p in fmodel.parameters()]
+    fmodel.update_params(new)
+    lead = () if num_tasks is None else (num_tasks,)
+    x = torch.randn(*lead, 3, width)
+    out = fmodel(x)
+    assert_module_unchanged(model, before)
+    for t in range(num_tasks or 1):
+
+        def task(v, t=t):
+            return v if num_tasks is None else v[t]
+
+        plain = _plain(model, [task(p) for p in new])
+        torch.testing.assert_close(task(out), plain(task(x)))
+        for mine, theirs in zip(fmodel.buffers(), plain.buffers()):
+            torch.testing.assert_close(task(mine), theirs)
