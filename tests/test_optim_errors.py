@@ -240,16 +240,16 @@ def test_grad_callback_returning_the_wrong_number_of_gradients():
 @pytest.mark.parametrize("value", [1, "yes", None])
 def test_track_higher_grads_must_be_a_bool(value):
     model = _model()
-    with pytest.raises(ValueError, match="track_higher_grads must be a bool"):
+    with pytest.raises(TypeError, match="track_higher_grads must be a bool"):
         get_diff_optim(_two_groups(model), model.parameters(), track_higher_grads=value)
-    with pytest.raises(ValueError, match="track_higher_grads must be a bool"):
+    with pytest.raises(TypeError, match="track_higher_grads must be a bool"):
         with higher_func.innerloop_ctx(model, _two_groups(model), track_higher_grads=value):
             pass
 
 
 def test_first_order_must_be_a_bool():
     model = _model()
-    with pytest.raises(ValueError, match="first_order must be a bool"):
+    with pytest.raises(TypeError, match="first_order must be a bool"):
         get_diff_optim(_two_groups(model), model.parameters(), first_order="yes")
 
 
