@@ -40,7 +40,7 @@ def get_trainable_opt_params(
     Returns:
         ``{name: [tensor per group]}``, ready for ``override=``.
 
-    Example:
+    Examples:
         >>> opt = torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=0.1, momentum=0.9)
         >>> override = get_trainable_opt_params(opt)
         >>> override["lr"]
@@ -77,7 +77,7 @@ def apply_trainable_opt_params(opt: torch.optim.Optimizer, override: OverrideTyp
         KeyError: it names a key ``opt``'s groups do not have.
         ValueError: it has the wrong number of values for ``opt``'s groups.
 
-    Example:
+    Examples:
         >>> opt = torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=0.1)
         >>> apply_trainable_opt_params(opt, {"lr": [torch.tensor(0.25)]})
         >>> opt.param_groups[0]["lr"]

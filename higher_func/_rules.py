@@ -887,7 +887,7 @@ def asgd_higher(
     grad = _signed(grad, maximize)
     if not _is_zero(weight_decay):
         grad = grad + weight_decay * param
-    eta = state.get("eta", lr)
+    eta: Scalar = state.get("eta", lr)
     mu = state.get("mu", 1)
     ax = _zeros_like(state, "ax", param)
     decayed = param * (1 - lambd * eta)

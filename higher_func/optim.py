@@ -234,9 +234,9 @@ class DifferentiableOptimizer:
             for group, saved in zip(self.param_groups, saved_groups):
                 group.clear()
                 group.update(saved)
-            for states, saved in zip(self.state, saved_state):
+            for states, saved_states in zip(self.state, saved_state):
                 states.clear()
-                states.update(saved)
+                states.update(saved_states)
             raise
         return new_params
 
@@ -348,13 +348,16 @@ class DifferentiableOptimizer:
         update = rule.select(_numerics.get_numerics())
         for group, grads, states in zip(self.param_groups, grouped_grads, self.state):
             hyper = {k: group[k] for k in rule.hyperparameters if k in group}
-            per_task = self.num_tasks is not None and has_per_task(hyper, self.num_tasks)
+            # The task count when some hyperparameter holds one value per task, else None.
+            per_task = self.num_tasks
+            if per_task is not None and not has_per_task(hyper, per_task):
+                per_task = None
             params = group["params"]
             for i, g in enumerate(grads):
                 if g is not None:
                     h = hyper
-                    if per_task:
-                        h = broadcast_per_task(hyper, params[i].dim(), self.num_tasks)
+                    if per_task is not None:
+                        h = broadcast_per_task(hyper, params[i].dim(), per_task)
                     params[i], states[i] = update(params[i], g, states[i], **h)
 
     # -- overrides ---------------------------------------------------------------------------------

@@ -264,7 +264,7 @@ class _HeavyBallOpt(torch.optim.SGD):
     pass
 
 
-def test_custom_subclass_using_private_helpers_matches_higher():
+def test_custom_subclass_using_private_helpers_matches_higher(optimizer_registry):
     results = []
     for lib, net in zip((higher, higher_func), _net_pair()):
         lib.register_optim(_HeavyBallOpt, _heavy_ball_class(lib.optim))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import pathlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -224,24 +225,29 @@ HIGHER_RPROP_WARNING = pytest.mark.filterwarnings(
 
 
 def test_registry_covers_every_optimizer():
-    expected = {
-        torch.optim.SGD: higher_func.optim.DifferentiableSGD,
-        torch.optim.Adam: higher_func.optim.DifferentiableAdam,
-        torch.optim.AdamW: higher_func.optim.DifferentiableAdamW,
-        torch.optim.Adadelta: higher_func.optim.DifferentiableAdadelta,
-        torch.optim.Adagrad: higher_func.optim.DifferentiableAdagrad,
-        torch.optim.Adamax: higher_func.optim.DifferentiableAdamax,
-        torch.optim.ASGD: higher_func.optim.DifferentiableASGD,
-        torch.optim.RMSprop: higher_func.optim.DifferentiableRMSprop,
-        torch.optim.Rprop: higher_func.optim.DifferentiableRprop,
-        torch.optim.NAdam: higher_func.optim.DifferentiableNAdam,
-        torch.optim.RAdam: higher_func.optim.DifferentiableRAdam,
-    }
-    assert {c.opt_type for c in CASES} == set(expected)
+    # Every entry of the one registry has a case here, and get_diff_optim turns it into the
+    # class made from its rule, exported under higher's name.
+    assert {c.opt_type for c in CASES} == set(_rules.OPTIMIZERS)
     for case in CASES:
         model = _mlp(torch.float64)
         diffopt = get_diff_optim(case.make(model.parameters()), model.parameters())
-        assert type(diffopt) is expected[case.opt_type]
+        name = f"Differentiable{case.opt_type.__name__}"
+        assert type(diffopt) is getattr(higher_func.optim, name)
+        assert type(diffopt).__name__ == name and name in higher_func.optim.__all__
+        assert type(diffopt).rule is _rules.OPTIMIZERS[case.opt_type]
+        assert higher_func.optim._opt_mapping[case.opt_type] is type(diffopt)
+
+
+@pytest.mark.parametrize("opt_type", list(_rules.OPTIMIZERS), ids=lambda t: t.__name__)
+def test_every_registered_optimizer_is_documented(opt_type):
+    root = pathlib.Path(__file__).resolve().parent.parent
+    api = (root / "docs" / "api" / "optim.md").read_text()
+    assert f"`Differentiable{opt_type.__name__}` | `torch.optim.{opt_type.__name__}`" in api
+    assert f"`Differentiable{opt_type.__name__}`" in (root / "docs" / "optimizers.md").read_text()
+
+
+def test_rules_are_keyed_by_their_optimizer_class_name():
+    assert _rules.RULES == {t.__name__.lower(): r for t, r in _rules.OPTIMIZERS.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1158,7 +1164,7 @@ def _scaled_sgd_meta_gradients(make_diffopt: Callable[..., DifferentiableOptimiz
     return diffopt
 
 
-def test_register_optim_with_a_rule():
+def test_register_optim_with_a_rule(optimizer_registry):
     with pytest.raises(ValueError, match="register"):
         _scaled_sgd_meta_gradients(get_diff_optim)
     register_optim(ScaledSGD, DifferentiableScaledSGD)

@@ -41,7 +41,7 @@ from zoo import (
 )
 
 import higher_func as higher
-from higher_func.optim import _opt_mapping
+from higher_func._rules import OPTIMIZERS
 
 # How long a deliberately paused call waits for the other thread before giving up. A correct
 # lock makes the other thread wait, so every such test spends this long once.
@@ -631,7 +631,7 @@ def test_nothing_outlives_an_inner_loop_that_called_a_submodule():
     assert alive == 0, f"{alive} of {len(refs)} tensors of the inner loop are still alive"
 
 
-@pytest.mark.parametrize("opt_type", list(_opt_mapping), ids=lambda t: t.__name__)
+@pytest.mark.parametrize("opt_type", list(OPTIMIZERS), ids=lambda t: t.__name__)
 def test_no_tensor_hooks_on_fast_weights_or_state(opt_type):
     case = ZOO["frozen"]()
     opt = opt_type(case.model.parameters(), lr=0.01)

@@ -16,21 +16,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from higher_func import _rules
 from higher_func._rules import RULES
 
-OPTIMIZERS = {
-    "sgd": torch.optim.SGD,
-    "adam": torch.optim.Adam,
-    "adamw": torch.optim.AdamW,
-    "adadelta": torch.optim.Adadelta,
-    "adagrad": torch.optim.Adagrad,
-    "adamax": torch.optim.Adamax,
-    "asgd": torch.optim.ASGD,
-    "rmsprop": torch.optim.RMSprop,
-    "rprop": torch.optim.Rprop,
-    "nadam": torch.optim.NAdam,
-    "radam": torch.optim.RAdam,
-}
+#: Rule name -> torch.optim class, from the library's one registry.
+OPTIMIZERS = {rule.update.__name__: opt_type for opt_type, rule in _rules.OPTIMIZERS.items()}
 KERNEL_ONLY = {"foreach", "fused", "capturable", "differentiable"}
 
 CASES: list[tuple[str, dict[str, Any]]] = [
