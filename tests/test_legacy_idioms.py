@@ -238,7 +238,9 @@ def test_private_arithmetic_helpers_match_higher(name, coefficient):
 
 def test_private_helpers_import_the_legacy_way():
     code = "from higher_func.optim import _add, _addcdiv, _addcmul; print(_add.__name__)"
-    result = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code], check=True, capture_output=True, text=True
+    )
     assert result.stdout.strip() == "_add"
 
 
