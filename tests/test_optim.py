@@ -263,6 +263,8 @@ def _seeded(seed: int, make: Callable[[], Any]) -> Any:
 
 
 def _mlp(dtype: torch.dtype, seed: int = 0) -> nn.Module:
+    """A smooth (tanh) MLP, not the zoo's ReLU one: finite-difference hypergradients and the
+    float64 tolerances below need a loss without kinks."""
     return _seeded(
         seed, lambda: nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(dtype)
     )
