@@ -6,7 +6,15 @@ from typing import Any, Optional
 
 import torch
 
-__all__ = ["check_bool", "check_task", "same_device"]
+__all__ = ["KeyErrorSentence", "check_bool", "check_task", "same_device"]
+
+
+class KeyErrorSentence(KeyError):
+    """A ``KeyError`` (what callers catch for a wrong key, as with higher) whose message prints
+    as written: a plain ``KeyError`` prints the quoted repr of its argument."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 def check_bool(name: str, value: Any) -> bool:

@@ -12,6 +12,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from ._checks import KeyErrorSentence
 from ._compat import pytree
 
 __all__ = [
@@ -25,17 +26,6 @@ __all__ = [
 ]
 
 OverrideType = Dict[str, List[Any]]
-
-
-class UnknownHyperparameterError(KeyError):
-    """An override names a key the optimizer's groups do not have.
-
-    A ``KeyError`` (as higher raised), whose message reads as a sentence: a plain
-    ``KeyError``'s ``str()`` quotes its message.
-    """
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else ""
 
 
 def is_number(x: Any) -> bool:
@@ -85,7 +75,7 @@ def check_override(
     for key, values in override.items():
         if key == "params" or key not in groups[0]:
             known = sorted(k for k in groups[0] if k != "params")
-            raise UnknownHyperparameterError(
+            raise KeyErrorSentence(
                 f"override names {key!r}, which is not a hyperparameter of this optimizer; "
                 f"its hyperparameters are {known}"
             )

@@ -38,7 +38,7 @@ import torch as _torch
 from torch import nn as _nn
 
 from ._batching import TaskBatch as _TaskBatch
-from ._checks import check_bool, check_task, same_device
+from ._checks import KeyErrorSentence, check_bool, check_task, same_device
 from ._compat import is_compiling as _is_compiling
 from ._tree import ModuleTree as _ModuleTree
 
@@ -400,7 +400,7 @@ class _MonkeyPatchBase:
             unknown = [k for k in params if k not in self._index]
             missing = [k for k in names if k not in params]
             if unknown or missing:
-                raise KeyError(
+                raise KeyErrorSentence(
                     "params dict does not match the module's parameters: "
                     f"unknown {unknown}, missing {missing}"
                 )
@@ -595,7 +595,7 @@ def buffer_sync(
     index = {name: i for i, name in enumerate(tree.buffer_names)}
     for name, buffer in module.named_buffers():
         if name not in index:
-            raise KeyError(f"buffer {name!r} is not a buffer of the patched module")
+            raise KeyErrorSentence(f"buffer {name!r} is not a buffer of the patched module")
         copy = fmodule._stack(buffer.detach())
         buffers[index[name]] = copy if device is None else copy.to(device)
     tree.write_buffers(buffers)

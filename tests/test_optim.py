@@ -33,6 +33,7 @@ from zoo import with_params
 
 import higher_func
 from higher_func import _rules
+from higher_func._compat import pytree
 from higher_func.optim import (
     DifferentiableOptimizer,
     apply_trainable_opt_params,
@@ -648,9 +649,8 @@ def test_step_override_replaces_stored_override():
 
 
 def _map_leaves(value: Any, fn: Callable[[Any], Any]) -> Any:
-    if isinstance(value, (tuple, list)):
-        return type(value)(_map_leaves(v, fn) for v in value)
-    return fn(value)
+    """``fn`` applied to every number or tensor of a hyperparameter (pairs such as ``betas``)."""
+    return pytree.tree_map(fn, value)
 
 
 def _leaves(value: Any) -> list[Any]:
