@@ -3,7 +3,12 @@
 Every optimizer's update is one pure function in ``higher_func._rules`` (tensors in, tensors
 out, no in-place writes). The classes here only translate what a ``torch.optim`` optimizer
 knows (parameter groups, hyperparameters, state) and what higher's API adds (``override``,
-``grad_callback``, patched modules) into calls of that rule.
+``grad_callback``, patched modules) into calls of that rule. ``Differentiable<Name>`` is made
+here for every entry of ``OPTIMIZERS`` (``torch.optim`` class -> rule, in ``_rules``). This
+module is the public surface; the mechanism lives in private modules, one idea each:
+``_overrides`` (checking ``override=``), ``_state`` (state to and from ``torch.optim``),
+``_hyperparams`` (trainable hyperparameters), ``_numerics`` (the numerics switch) and
+``_checks`` (argument checks shared with ``patch``).
 
 Example:
     >>> model = torch.nn.Linear(3, 1)
