@@ -1,7 +1,9 @@
 """The pure update rules against ``torch.optim``, and their differentiability.
 
-Every invariant runs over ``CASES``, a registry of (rule, hyperparameters) pairs that together
-set every hyperparameter of every rule away from its default. The oracle is ``torch.optim``
+Every invariant runs over ``CASES``, a list of (rule, hyperparameters) pairs that together
+set every hyperparameter of every rule of the library's registry (``_rules.OPTIMIZERS``) away
+from its default; a registered optimizer without such cases fails
+``test_registry_covers_every_rule_and_option``. The oracle is ``torch.optim``
 itself (its single-tensor path, ``foreach=False``), driven by the same loss as the rule.
 """
 
