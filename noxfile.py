@@ -6,7 +6,7 @@ import nox
 TORCH = "torch==2.13.0"  # pinned first: an unpinned torch pulls a multi-GB CUDA build
 LINTED = ["higher_func", "tests", "benchmarks", "examples", "noxfile.py", "conftest.py"]
 
-nox.options.sessions = ["tests", "lint"]
+nox.options.sessions = ["tests", "lint", "doctests", "typecheck"]
 
 
 @nox.session

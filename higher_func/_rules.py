@@ -71,7 +71,10 @@ from typing import Any, Callable, NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from ._compat import is_compiling
+
 __all__ = [
+    "OPTIMIZERS",
     "RULES",
     "UpdateRule",
     "adadelta",
@@ -152,11 +155,10 @@ def _is_zero(x: Scalar) -> bool:
 # torch 2.13, Inductor compiles ``torch.add(p, g, alpha=-lr)`` applied to a gradient traced with
 # ``trace_autograd_ops`` into ``p + g`` (the alpha is lost), so a compiled inner step moved the
 # wrong way.
-_is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)
 
 
 def _fused(coefficient: Scalar) -> bool:
-    return not _is_tensor(coefficient) and not _is_compiling()
+    return not _is_tensor(coefficient) and not is_compiling()
 
 
 def _axpy(x: Tensor, y: Tensor, alpha: Scalar) -> Tensor:
@@ -885,7 +887,7 @@ def asgd_higher(
     grad = _signed(grad, maximize)
     if not _is_zero(weight_decay):
         grad = grad + weight_decay * param
-    eta = state.get("eta", lr)
+    eta: Scalar = state.get("eta", lr)
     mu = state.get("mu", 1)
     ax = _zeros_like(state, "ax", param)
     decayed = param * (1 - lambd * eta)
@@ -1261,20 +1263,23 @@ def _rule(
     return UpdateRule(update, keys, higher)
 
 
-RULES: dict[str, UpdateRule] = {
-    update.__name__: _rule(update, higher)
-    for update, higher in (
-        (sgd, sgd_higher),
-        (adam, adam_higher),
-        (adamw, None),
-        (adadelta, adadelta_higher),
-        (adagrad, adagrad_higher),
-        (adamax, adamax_higher),
-        (asgd, asgd_higher),
-        (rmsprop, rmsprop_higher),
-        (rprop, rprop_higher),
-        (nadam, None),
-        (radam, None),
-    )
+OPTIMIZERS: dict[type[torch.optim.Optimizer], UpdateRule] = {
+    torch.optim.SGD: _rule(sgd, sgd_higher),
+    torch.optim.Adam: _rule(adam, adam_higher),
+    torch.optim.AdamW: _rule(adamw),
+    torch.optim.Adadelta: _rule(adadelta, adadelta_higher),
+    torch.optim.Adagrad: _rule(adagrad, adagrad_higher),
+    torch.optim.Adamax: _rule(adamax, adamax_higher),
+    torch.optim.ASGD: _rule(asgd, asgd_higher),
+    torch.optim.RMSprop: _rule(rmsprop, rmsprop_higher),
+    torch.optim.Rprop: _rule(rprop, rprop_higher),
+    torch.optim.NAdam: _rule(nadam),
+    torch.optim.RAdam: _rule(radam),
 }
-"""Every rule, keyed by the lower-case name of its ``torch.optim`` class."""
+"""The registry of built-in optimizers: every ``torch.optim`` class with a differentiable
+version, and its rule. ``higher_func.optim`` makes ``Differentiable<Name>`` from each entry and
+maps the class to it for ``get_diff_optim``; the tests check every entry. Adding an optimizer
+is writing its rule above and adding its line here."""
+
+RULES: dict[str, UpdateRule] = {rule.update.__name__: rule for rule in OPTIMIZERS.values()}
+"""Every rule, keyed by the lower-case name of its ``torch.optim`` class (its function's name)."""

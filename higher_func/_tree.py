@@ -152,7 +152,10 @@ class ModuleTree:
         self._first_buffer_slot = {i: (d, k) for d, k, i in reversed(self._buffer_slots)}
         # RNNBase reads its weights from a `_flat_weights` list, not from `_parameters`.
         self._rnns = [c for c in self.copies.values() if "_flat_weights_names" in c.__dict__]
-        if not compiling and any(_mentions_checkpoint(type(c)) for c in self.copies.values()):
+        # The ignore: torch's stubs declare nn.Module.__hash__ with a self type, so mypy does
+        # not see that a class of modules is Hashable (as every class is) for lru_cache.
+        classes = [type(c) for c in self.copies.values()]
+        if not compiling and any(_mentions_checkpoint(cls) for cls in classes):  # type: ignore[arg-type]
             # Checkpointing recomputes a forward during backward, on whatever the copies hold
             # by then. The guard costs a hook call per module call, so only models whose code
             # mentions checkpointing pay it.

@@ -3,7 +3,12 @@
 Every optimizer's update is one pure function in ``higher_func._rules`` (tensors in, tensors
 out, no in-place writes). The classes here only translate what a ``torch.optim`` optimizer
 knows (parameter groups, hyperparameters, state) and what higher's API adds (``override``,
-``grad_callback``, patched modules) into calls of that rule.
+``grad_callback``, patched modules) into calls of that rule. ``Differentiable<Name>`` is made
+here for every entry of ``OPTIMIZERS`` (``torch.optim`` class -> rule, in ``_rules``). This
+module is the public surface; the mechanism lives in private modules, one idea each:
+``_overrides`` (checking ``override=``), ``_state`` (state to and from ``torch.optim``),
+``_hyperparams`` (trainable hyperparameters), ``_numerics`` (the numerics switch) and
+``_checks`` (argument checks shared with ``patch``).
 
 Example:
     >>> model = torch.nn.Linear(3, 1)
@@ -11,7 +16,7 @@ Example:
     >>> fmodel = higher_func.monkeypatch(model, copy_initial_weights=False)
     >>> diffopt = get_diff_optim(opt, model.parameters(), fmodel=fmodel)
     >>> for _ in range(3):
-    ...     diffopt.step(fmodel(torch.randn(8, 3)).pow(2).mean())
+    ...     new_weights = diffopt.step(fmodel(torch.randn(8, 3)).pow(2).mean())
     >>> fmodel(torch.randn(8, 3)).sum().backward()  # through all three Adam steps
 
 Numerics: by default every step rounds as today's ``torch.optim`` does. To reproduce results
@@ -39,36 +44,35 @@ patched module's weights by identity, not by position.
 from __future__ import annotations
 
 import collections
-import math
-import os
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Type
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Sequence, Type
 
 import torch
 
-from . import _rules
+from . import _numerics, _rules
 from . import patch as _patch
 from ._batching import check_num_tasks
-from ._rules import RULES, UpdateRule
+from ._checks import check_bool, check_task
+from ._hyperparams import apply_trainable_opt_params, get_trainable_opt_params
+from ._numerics import get_numerics, numerics
+from ._overrides import (
+    OverrideType,
+    as_scalar_if_single,
+    broadcast_per_task,
+    check_override,
+    has_per_task,
+)
+from ._rules import OPTIMIZERS, RULES, UpdateRule
+from ._state import export_state, import_state, select_task, to_python, unstacked_shape
 
-_OverrideType = Dict[str, List[Any]]
+_OverrideType = OverrideType  # higher's name, kept for code that annotates with it
 _GradCallbackType = Callable[[List[Optional[torch.Tensor]]], List[Optional[torch.Tensor]]]
 _GroupedGradsType = List[List[Optional[torch.Tensor]]]
 
 __all__ = [
+    "OPTIMIZERS",
     "RULES",
     "UpdateRule",
     "DifferentiableOptimizer",
-    "DifferentiableSGD",
-    "DifferentiableAdam",
-    "DifferentiableAdamW",
-    "DifferentiableAdadelta",
-    "DifferentiableAdagrad",
-    "DifferentiableAdamax",
-    "DifferentiableASGD",
-    "DifferentiableRMSprop",
-    "DifferentiableRprop",
-    "DifferentiableNAdam",
-    "DifferentiableRAdam",
     "get_diff_optim",
     "create_diff_optim",
     "register_optim",
@@ -77,85 +81,6 @@ __all__ = [
     "numerics",
     "get_numerics",
 ]
-
-# -- numerics switch ------------------------------------------------------------------------------
-_NUMERICS_MODES = ("torch", "higher")
-_NUMERICS_ENV = "HIGHER_FUNC_NUMERICS"
-
-
-def _checked_mode(mode: Any, where: str) -> str:
-    if mode not in _NUMERICS_MODES:
-        raise ValueError(
-            f"{where} must be 'torch' (today's torch.optim numerics, the default) or 'higher' "
-            f"(higher 0.2.1's, to reproduce old results), got {mode!r}"
-        )
-    return mode
-
-
-def _numerics_from_environment() -> str:
-    value = os.environ.get(_NUMERICS_ENV, "")
-    return "torch" if value == "" else _checked_mode(value, f"environment variable {_NUMERICS_ENV}")
-
-
-# One process-wide mode (not per thread): it describes which results a program reproduces.
-_numerics = _numerics_from_environment()
-
-
-class _NumericsScope:
-    """What ``numerics(mode)`` returns: the mode is already set; leaving a ``with`` block
-    restores the one before."""
-
-    def __init__(self, previous: str, mode: str) -> None:
-        self._previous = previous
-        self._mode = mode
-
-    def __enter__(self) -> "_NumericsScope":
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        global _numerics
-        _numerics = self._previous
-
-    def __repr__(self) -> str:
-        return f"numerics({self._mode!r})"
-
-
-def numerics(mode: str) -> _NumericsScope:
-    """Choose whose numerics the differentiable optimizers reproduce.
-
-    Args:
-        mode: ``"torch"`` (the default): every step rounds as today's ``torch.optim`` does.
-            ``"higher"``: every step of an optimizer that higher 0.2.1 shipped rounds as
-            higher did (see ``UpdateRule.higher`` in ``higher_func._rules``), so unrolls and
-            meta-gradients of a legacy program equal the old ones bit for bit.
-
-    Returns:
-        A context manager. The mode is set at once (a plain call changes it for good); used
-        in a ``with`` statement, the previous mode comes back at the end of the block.
-
-    Raises:
-        ValueError: ``mode`` is neither ``"torch"`` nor ``"higher"``.
-
-    Example:
-        >>> with numerics("higher"):
-        ...     get_numerics()
-        'higher'
-        >>> get_numerics()
-        'torch'
-
-    The environment variable ``HIGHER_FUNC_NUMERICS`` sets the initial mode at import, for
-    programs that cannot be edited. The mode is process-wide, not per thread, and is read at
-    every ``step``.
-    """
-    global _numerics
-    scope = _NumericsScope(_numerics, _checked_mode(mode, "numerics(mode)"))
-    _numerics = mode
-    return scope
-
-
-def get_numerics() -> str:
-    """The current numerics mode, ``"torch"`` or ``"higher"`` (see ``numerics``)."""
-    return _numerics
 
 
 class DifferentiableOptimizer:
@@ -253,15 +178,15 @@ class DifferentiableOptimizer:
             self.state.append(collections.defaultdict(dict))
             for i, p in enumerate(group["params"]):
                 if other.state.get(p):
-                    self.state[g][i] = _import_state(other.state[p], device, self.num_tasks)
+                    self.state[g][i] = import_state(other.state[p], device, self.num_tasks)
         self._num_params = len(fast_weights)
         self._shapes = [p.shape for p in fast_weights]
         if override is not None:
             self._apply_override(override)
         self._grad_callback = grad_callback
         self._fmodel = fmodel
-        self._track_higher_grads = _check_bool("track_higher_grads", track_higher_grads)
-        self._first_order = _check_bool("first_order", first_order)
+        self._track_higher_grads = check_bool("track_higher_grads", track_higher_grads)
+        self._first_order = check_bool("first_order", first_order)
 
     # -- stepping --------------------------------------------------------------------------------
     def step(
@@ -314,9 +239,9 @@ class DifferentiableOptimizer:
             for group, saved in zip(self.param_groups, saved_groups):
                 group.clear()
                 group.update(saved)
-            for states, saved in zip(self.state, saved_state):
+            for states, saved_states in zip(self.state, saved_state):
                 states.clear()
-                states.update(saved)
+                states.update(saved_states)
             raise
         return new_params
 
@@ -425,22 +350,25 @@ class DifferentiableOptimizer:
             raise NotImplementedError(
                 f"{type(self).__name__} defines neither a `rule` nor an `_update` method"
             )
-        update = rule.select(_numerics)
+        update = rule.select(_numerics.get_numerics())
         for group, grads, states in zip(self.param_groups, grouped_grads, self.state):
             hyper = {k: group[k] for k in rule.hyperparameters if k in group}
-            per_task = self.num_tasks is not None and _has_per_task(hyper, self.num_tasks)
+            # The task count when some hyperparameter holds one value per task, else None.
+            per_task = self.num_tasks
+            if per_task is not None and not has_per_task(hyper, per_task):
+                per_task = None
             params = group["params"]
             for i, g in enumerate(grads):
                 if g is not None:
                     h = hyper
-                    if per_task:
-                        h = _broadcast_per_task(hyper, params[i].dim(), self.num_tasks)
+                    if per_task is not None:
+                        h = broadcast_per_task(hyper, params[i].dim(), per_task)
                     params[i], states[i] = update(params[i], g, states[i], **h)
 
     # -- overrides ---------------------------------------------------------------------------------
     def _check_override(self, override: Any) -> _OverrideType:
         group_shapes = [[self._shapes[i] for i in m] for m in self._group_to_param_list]
-        return _check_override(override, self.param_groups, self.num_tasks, group_shapes)
+        return check_override(override, self.param_groups, self.num_tasks, group_shapes)
 
     def _apply_override(self, override: _OverrideType) -> None:
         override = self._check_override(override)
@@ -449,7 +377,7 @@ class DifferentiableOptimizer:
                 value = values[0] if len(values) == 1 else values[g]
                 # A one-element tensor of any shape is one value: as a 0-dim tensor it
                 # broadcasts without changing the shape of the weights it scales.
-                group[key] = _map_leaves(value, _as_scalar_if_single)
+                group[key] = as_scalar_if_single(value)
 
     # -- state export ------------------------------------------------------------------------------
     def state_dict(self, task: Optional[int] = None) -> Dict[str, Any]:
@@ -458,20 +386,27 @@ class DifferentiableOptimizer:
         Args:
             task: for a batched optimizer, which task's state to export (required then).
 
-        Example:
-            >>> opt.load_state_dict(diffopt.state_dict())  # opt over model.parameters()
-
-        Tensor hyperparameters (learned overrides) are exported as Python floats; state tensors
-        are detached copies.
+        Returns:
+            ``{"state": ..., "param_groups": ...}`` as ``torch.optim.Optimizer.state_dict``
+            makes it. Tensor hyperparameters (learned overrides) are exported as Python
+            floats; state tensors are detached copies.
 
         Raises:
-            ValueError: ``task`` is missing for a batched optimizer, or given for another.
+            ValueError: ``task`` is missing for a batched optimizer, given for another, or out
+                of range.
+            TypeError: ``task`` is not an int.
+
+        Example:
+            >>> model = torch.nn.Linear(3, 1)
+            >>> opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+            >>> fmodel = higher_func.monkeypatch(model)
+            >>> diffopt = get_diff_optim(opt, model.parameters(), fmodel=fmodel)
+            >>> _ = diffopt.step(fmodel(torch.randn(8, 3)).pow(2).mean())
+            >>> opt.load_state_dict(diffopt.state_dict())  # continue with torch.optim
+            >>> sorted(opt.state[model.weight])
+            ['momentum_buffer']
         """
-        if (task is None) != (self.num_tasks is None):
-            raise ValueError(
-                "state_dict(task=t) selects one task of a batched optimizer; it is required "
-                "with num_tasks and meaningless without"
-            )
+        check_task(task, self.num_tasks, "optimizer")
         state: Dict[int, Dict[str, Any]] = {}
         groups = []
         start = 0
@@ -479,10 +414,10 @@ class DifferentiableOptimizer:
             count = len(group["params"])
             for i in range(count):
                 if group_state.get(i):
-                    shape = _unstacked_shape(group["params"][i], self.num_tasks)
-                    state[start + i] = _export_state(group_state[i], task, self.num_tasks, shape)
+                    shape = unstacked_shape(group["params"][i], self.num_tasks)
+                    state[start + i] = export_state(group_state[i], task, self.num_tasks, shape)
             hyper = {
-                k: _to_python(v if task is None else _select_task(v, task, self.num_tasks))
+                k: to_python(v if task is None else select_task(v, task, self.num_tasks))
                 for k, v in group.items()
                 if k != "params"
             }
@@ -508,7 +443,7 @@ class DifferentiableOptimizer:
 
     def __repr__(self) -> str:
         groups = ", ".join(
-            "{" + ", ".join(f"{k}={_to_python(v)!r}" for k, v in g.items() if k != "params") + "}"
+            "{" + ", ".join(f"{k}={to_python(v)!r}" for k, v in g.items() if k != "params") + "}"
             for g in self.param_groups
         )
         return f"{type(self).__name__}([{groups}])"
@@ -545,16 +480,6 @@ def _checked_gradients(
     return grads
 
 
-def _check_bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be a bool, got {type(value).__name__}")
-    return value
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
 def _num_tasks(num_tasks: Optional[int], fmodel: Any) -> Optional[int]:
     from_model = getattr(fmodel, "num_tasks", None) if fmodel is not None else None
     if num_tasks is None:
@@ -565,261 +490,32 @@ def _num_tasks(num_tasks: Optional[int], fmodel: Any) -> Optional[int]:
     return num_tasks
 
 
-def _as_scalar_if_single(x: Any) -> Any:
-    if isinstance(x, torch.Tensor) and x.numel() == 1 and x.dim() > 0:
-        return x.reshape(())
-    return x
-
-
-def _is_per_task(x: Any, num_tasks: int) -> bool:
-    return isinstance(x, torch.Tensor) and x.shape == (num_tasks,)
-
-
-def _has_per_task(hyper: Dict[str, Any], num_tasks: int) -> bool:
-    return any(
-        _is_per_task(leaf, num_tasks)
-        for value in hyper.values()
-        for leaf in (value if isinstance(value, (tuple, list)) else (value,))
-    )
-
-
-def _broadcast_per_task(hyper: Dict[str, Any], ndim: int, num_tasks: int) -> Dict[str, Any]:
-    """Reshape ``[T]`` hyperparameters to ``[T, 1, ...]`` to broadcast over a weight's dims.
-
-    Elementwise ones (``[*shape]``, ``[T, *shape]``) already broadcast against the stacked
-    ``[T, *shape]`` weight as they are.
-    """
-
-    def reshape(x: Any) -> Any:
-        if _is_per_task(x, num_tasks):
-            return x.reshape(-1, *([1] * (ndim - 1)))
-        return x
-
-    return {k: _map_leaves(v, reshape) for k, v in hyper.items()}
-
-
-def _select_task(value: Any, task: int, num_tasks: Optional[int]) -> Any:
-    if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == num_tasks:
-        return value[task]
-    if isinstance(value, (tuple, list)):
-        return type(value)(_select_task(v, task, num_tasks) for v in value)
-    return value
-
-
-def _as_list(value: Any) -> Optional[List[Any]]:
-    """``value`` as a list if it is a sequence (``len()`` and indexing, as higher required:
-    a list, a tuple, an ``nn.ParameterList`` or a slice of one), else None."""
-    if isinstance(value, (str, bytes, dict, torch.Tensor)):
-        return None
-    if not (hasattr(value, "__len__") and hasattr(value, "__getitem__")):
-        return None
-    return [value[i] for i in range(len(value))]
-
-
-def _check_override(
-    override: Any,
-    groups: List[Dict[str, Any]],
-    num_tasks: Optional[int] = None,
-    group_shapes: Optional[List[List[torch.Size]]] = None,
-) -> _OverrideType:
-    """Validate ``{key: [value] or [value per group]}`` against the optimizer's groups.
-
-    Args:
-        group_shapes: the (unstacked) shapes of each group's weights, against which tensor
-            values may be elementwise; None allows only one value per tensor.
-
-    Returns:
-        A new dict with every sequence turned into a list, and pair values (``betas``) into
-        the type of the group's current value, so no ``nn.ParameterList`` reaches a group.
-    """
-    if not isinstance(override, dict):
-        raise TypeError(f"override must be a dict of lists, got {type(override).__name__}")
-    checked: _OverrideType = {}
-    for key, values in override.items():
-        if key == "params" or key not in groups[0]:
-            known = sorted(k for k in groups[0] if k != "params")
-            raise KeyError(f"override names {key!r}, which is not a hyperparameter of {known}")
-        as_list = _as_list(values)
-        if as_list is None:
-            raise TypeError(
-                f"override[{key!r}] must be a list (or any sequence, e.g. an "
-                "nn.ParameterList): [value] for all groups or one value per group, got "
-                f"{type(values).__name__}"
-            )
-        if len(as_list) not in (1, len(groups)):
-            raise ValueError(
-                f"override[{key!r}] has {len(as_list)} values; expected 1 or one per "
-                f"parameter group ({len(groups)})"
-            )
-        checked[key] = []
-        for g, value in enumerate(as_list):
-            if group_shapes is None:
-                shapes = None
-            elif len(as_list) == 1:
-                shapes = [shape for group in group_shapes for shape in group]
-            else:
-                shapes = group_shapes[g]
-            checked[key].append(
-                _check_override_value(key, value, groups[0][key], num_tasks, shapes)
-            )
-    return checked
-
-
-def _check_override_value(
-    key: str,
-    value: Any,
-    current: Any,
-    num_tasks: Optional[int],
-    shapes: Optional[List[torch.Size]],
-) -> Any:
-    """Check one override value against the group's current one; return it normalised."""
-    if isinstance(current, bool) or current is None or isinstance(current, str):
-        if type(value) is not type(current):
-            raise TypeError(f"override[{key!r}] must be a {type(current).__name__}, got {value!r}")
-    elif isinstance(current, (tuple, list)):
-        items = _as_list(value)
-        if items is None or len(items) != len(current):
-            raise TypeError(
-                f"override[{key!r}] must be a sequence of {len(current)} numbers or tensors, "
-                f"got {value!r}"
-            )
-        return type(current)(
-            _check_override_value(key, v, c, num_tasks, shapes) for v, c in zip(items, current)
-        )
-    elif isinstance(value, torch.Tensor):
-        if not value.is_floating_point():
-            raise TypeError(f"override[{key!r}] must be a floating-point tensor, got {value.dtype}")
-        if value.numel() != 1:
-            _check_elementwise(key, value, num_tasks, shapes)
-    elif not _is_number(value):
-        raise TypeError(f"override[{key!r}] must be a number or a tensor, got {value!r}")
-    elif not math.isfinite(value):
-        raise ValueError(f"override[{key!r}] must be finite, got {value!r}")
-    return value
-
-
-def _check_elementwise(
-    key: str, value: torch.Tensor, num_tasks: Optional[int], shapes: Optional[List[torch.Size]]
-) -> None:
-    """A tensor hyperparameter of more than one value must broadcast to every weight it
-    scales without changing that weight's shape (see ``DifferentiableOptimizer``)."""
-    if num_tasks is not None and value.shape == (num_tasks,):
-        return
-    if shapes is None:
-        raise ValueError(
-            f"override[{key!r}] has shape {tuple(value.shape)}; expected one value here"
-        )
-    for shape in shapes:
-        target = tuple(shape)
-        if num_tasks is not None and value.dim() == len(shape) + 1:
-            target = (num_tasks, *shape)
-        try:
-            fits = (
-                value.dim() <= len(target) and torch.broadcast_shapes(value.shape, target) == target
-            )
-        except RuntimeError:
-            fits = False
-        if not fits:
-            expected = f"one value or a shape broadcastable to {tuple(shape)}"
-            if num_tasks is not None:
-                expected += f", ({num_tasks},) or ({num_tasks}, *{tuple(shape)})"
-            raise ValueError(
-                f"override[{key!r}] has shape {tuple(value.shape)}, which does not fit a "
-                f"weight of shape {tuple(shape)} in its group; expected {expected}"
-            )
-
-
-def _import_state(
-    state: Dict[str, Any], device: Optional[torch.device], num_tasks: Optional[int]
-) -> Dict[str, Any]:
-    """A detached copy of one parameter's ``torch.optim`` state, with ``step`` as an int (and
-    every tensor repeated per task when batched)."""
-    copied = {}
-    for key, value in state.items():
-        if value is None:
-            continue
-        if key == "step":
-            value = int(value.item()) if isinstance(value, torch.Tensor) else int(value)
-        elif isinstance(value, torch.Tensor):
-            value = value.detach()
-            if num_tasks is not None and value.dim() > 0:
-                # Per-weight state is repeated per task; 0-dim state (ASGD's eta and mu,
-                # NAdam's mu_product) is one value that broadcasts to every task as it is.
-                value = value.expand(num_tasks, *value.shape)
-            value = value.clone() if device is None else value.to(device, copy=True)
-        copied[key] = value
-    return copied
-
-
-def _unstacked_shape(param: Any, num_tasks: Optional[int]) -> Optional[torch.Size]:
-    if not isinstance(param, torch.Tensor):
-        return None
-    return param.shape if num_tasks is None else param.shape[1:]
-
-
-def _export_state(
-    state: Dict[str, Any],
-    task: Optional[int],
-    num_tasks: Optional[int],
-    param_shape: Optional[torch.Size],
-) -> Dict[str, Any]:
-    exported = {}
-    for key, value in state.items():
-        if key == "step":
-            value = torch.tensor(float(value), dtype=torch.float32)
-        elif isinstance(value, torch.Tensor):
-            value = _select_task(value, task, num_tasks) if task is not None else value
-            if value.shape != param_shape and value.numel() == 1:
-                value = value.reshape(())  # a scalar state broadcast per task, e.g. ASGD's eta
-            value = value.detach().clone()
-        else:
-            value = torch.tensor(value)
-        exported[key] = value
-    return exported
-
-
-def _to_python(value: Any) -> Any:
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        return value.item()
-    if isinstance(value, (tuple, list)):
-        return type(value)(_to_python(v) for v in value)
-    return value
-
-
-def _optimizer_class(name: str, rule_name: str, torch_name: str) -> Type[DifferentiableOptimizer]:
+def _optimizer_class(opt_type: Type[torch.optim.Optimizer], rule: UpdateRule) -> Type[Any]:
+    """``Differentiable<Name>``: the class ``get_diff_optim`` makes for ``opt_type``."""
+    name = f"Differentiable{opt_type.__name__}"
     doc = (
-        f"A differentiable ``torch.optim.{torch_name}``: the update of "
-        f"``higher_func._rules.{rule_name}`` on the autograd tape.\n\n"
+        f"A differentiable ``torch.optim.{opt_type.__name__}``: the update of "
+        f"``higher_func._rules.{rule.update.__name__}`` on the autograd tape.\n\n"
         "See ``DifferentiableOptimizer`` for the arguments."
     )
-    return type(name, (DifferentiableOptimizer,), {"rule": _rules.RULES[rule_name], "__doc__": doc})
+    namespace = {"rule": rule, "__doc__": doc, "__module__": __name__, "__qualname__": name}
+    return type(name, (DifferentiableOptimizer,), namespace)
 
 
-DifferentiableSGD = _optimizer_class("DifferentiableSGD", "sgd", "SGD")
-DifferentiableAdam = _optimizer_class("DifferentiableAdam", "adam", "Adam")
-DifferentiableAdamW = _optimizer_class("DifferentiableAdamW", "adamw", "AdamW")
-DifferentiableAdadelta = _optimizer_class("DifferentiableAdadelta", "adadelta", "Adadelta")
-DifferentiableAdagrad = _optimizer_class("DifferentiableAdagrad", "adagrad", "Adagrad")
-DifferentiableAdamax = _optimizer_class("DifferentiableAdamax", "adamax", "Adamax")
-DifferentiableASGD = _optimizer_class("DifferentiableASGD", "asgd", "ASGD")
-DifferentiableRMSprop = _optimizer_class("DifferentiableRMSprop", "rmsprop", "RMSprop")
-DifferentiableRprop = _optimizer_class("DifferentiableRprop", "rprop", "Rprop")
-DifferentiableNAdam = _optimizer_class("DifferentiableNAdam", "nadam", "NAdam")
-DifferentiableRAdam = _optimizer_class("DifferentiableRAdam", "radam", "RAdam")
+#: ``torch.optim`` class -> its differentiable class, as in higher: ``get_diff_optim`` looks
+#: the optimizer's type up here and ``register_optim`` adds to it. One class per entry of
+#: ``higher_func._rules.OPTIMIZERS`` is made (and exported) here; nothing else lists them.
+_opt_mapping: Dict[type, Type[DifferentiableOptimizer]] = {}
+for _opt_type, _rule in _rules.OPTIMIZERS.items():
+    _class = _optimizer_class(_opt_type, _rule)
+    globals()[_class.__name__] = _opt_mapping[_opt_type] = _class
+    __all__.append(_class.__name__)
+del _opt_type, _rule, _class
 
-_opt_mapping: Dict[type, Type[DifferentiableOptimizer]] = {
-    torch.optim.SGD: DifferentiableSGD,
-    torch.optim.Adam: DifferentiableAdam,
-    torch.optim.AdamW: DifferentiableAdamW,
-    torch.optim.Adadelta: DifferentiableAdadelta,
-    torch.optim.Adagrad: DifferentiableAdagrad,
-    torch.optim.Adamax: DifferentiableAdamax,
-    torch.optim.ASGD: DifferentiableASGD,
-    torch.optim.RMSprop: DifferentiableRMSprop,
-    torch.optim.Rprop: DifferentiableRprop,
-    torch.optim.NAdam: DifferentiableNAdam,
-    torch.optim.RAdam: DifferentiableRAdam,
-}
+if TYPE_CHECKING:
+    # The Differentiable<Name> classes are made in the loop above, which type checkers do
+    # not run: tell them that any other name imported from here is one of those classes.
+    def __getattr__(name: str) -> Type[DifferentiableOptimizer]: ...
 
 
 def _differentiable_type(opt_type: type) -> Type[DifferentiableOptimizer]:
@@ -936,69 +632,6 @@ def register_optim(
             f"diff_optim_type must subclass DifferentiableOptimizer, got {diff_optim_type!r}"
         )
     _opt_mapping[optim_type] = diff_optim_type
-
-
-def get_trainable_opt_params(
-    opt: torch.optim.Optimizer, device: Optional[torch.device] = None
-) -> _OverrideType:
-    """An ``override`` dict making every numeric hyperparameter of ``opt`` a learnable tensor.
-
-    Only numbers (and tuples of numbers, like ``betas``) become float tensors requiring grad;
-    flags such as ``maximize``, ``nesterov`` or ``capturable`` never do.
-
-    Returns:
-        ``{name: [tensor per group]}``, ready for ``override=``.
-
-    Differs from higher: booleans are not turned into trainable tensors.
-    """
-
-    def learnable(x: Any) -> torch.Tensor:
-        if isinstance(x, torch.Tensor):
-            return x.detach().clone().float().to(device).requires_grad_()
-        return torch.tensor(float(x), device=device, requires_grad=True)
-
-    def is_numeric(x: Any) -> bool:
-        if isinstance(x, (tuple, list)):
-            return len(x) > 0 and all(is_numeric(v) for v in x)
-        return _is_number(x) or (isinstance(x, torch.Tensor) and x.is_floating_point())
-
-    override: _OverrideType = {}
-    for group in opt.param_groups:
-        for key, value in group.items():
-            if key != "params" and is_numeric(value):
-                override.setdefault(key, []).append(_map_leaves(value, learnable))
-    return override
-
-
-def apply_trainable_opt_params(opt: torch.optim.Optimizer, override: _OverrideType) -> None:
-    """Write learned hyperparameters (an ``override`` dict) back into ``opt``'s groups.
-
-    Raises:
-        ValueError/TypeError/KeyError: ``override`` does not fit ``opt``'s groups.
-
-    Differs from higher: a learned value replaces an integer default as a float (higher
-    truncated a learned momentum of 0.9 into ``int`` 0).
-    """
-    for key, values in _check_override(override, opt.param_groups).items():
-        for g, group in enumerate(opt.param_groups):
-            value = values[0] if len(values) == 1 else values[g]
-            group[key] = _write_back(value, group[key])
-
-
-def _map_leaves(value: Any, fn: Callable[[Any], Any]) -> Any:
-    if isinstance(value, (tuple, list)):
-        return type(value)(_map_leaves(v, fn) for v in value)
-    return fn(value)
-
-
-def _write_back(value: Any, target: Any) -> Any:
-    if isinstance(target, (tuple, list)):
-        return type(target)(_write_back(v, t) for v, t in zip(value, target))
-    if isinstance(target, torch.Tensor):
-        with torch.no_grad():
-            target.copy_(value)
-        return target
-    return _to_python(value) if isinstance(value, torch.Tensor) else value
 
 
 # -- higher's arithmetic helpers --------------------------------------------------------------

@@ -38,6 +38,7 @@ import torch as _torch
 from torch import nn as _nn
 
 from ._batching import TaskBatch as _TaskBatch
+from ._checks import KeyErrorSentence, check_bool, check_task, same_device
 from ._compat import is_compiling as _is_compiling
 from ._tree import ModuleTree as _ModuleTree
 
@@ -280,18 +281,13 @@ class _MonkeyPatchBase:
         Raises:
             ValueError: ``task`` is missing (or out of range) for a batched patched module, or
                 given for one that is not batched.
+            TypeError: ``task`` is not an int.
         """
         if args or kwargs:
             raise TypeError(
                 "state_dict() of a patched module takes only prefix=, keep_vars= and task="
             )
-        if (task is None) != (self._tasks is None):
-            raise ValueError(
-                "state_dict(task=t) selects one task of a batched patched module; it is "
-                "required with num_tasks and meaningless without"
-            )
-        if task is not None and not 0 <= task < self._tasks.size:
-            raise ValueError(f"task {task} is out of range for num_tasks={self._tasks.size}")
+        check_task(task, self.num_tasks, "patched module")
         tree = self._tree
         state = tree.root.state_dict(prefix=prefix, keep_vars=True)
         if tree.buffers_as_attributes:  # in the order of the module's own state_dict
@@ -378,9 +374,7 @@ class _MonkeyPatchBase:
 
     @track_higher_grads.setter
     def track_higher_grads(self, value: bool) -> None:
-        if not isinstance(value, bool):
-            raise ValueError(f"track_higher_grads must be a bool, got {type(value).__name__}")
-        self.__dict__["_track_higher_grads"] = value
+        self.__dict__["_track_higher_grads"] = check_bool("track_higher_grads", value)
 
     def _params_at(self, time: Optional[int]) -> List[_torch.Tensor]:
         if self._fast_params is None:
@@ -409,7 +403,7 @@ class _MonkeyPatchBase:
             unknown = [k for k in params if k not in self._index]
             missing = [k for k in names if k not in params]
             if unknown or missing:
-                raise KeyError(
+                raise KeyErrorSentence(
                     "params dict does not match the module's parameters: "
                     f"unknown {unknown}, missing {missing}"
                 )
@@ -437,7 +431,7 @@ class _MonkeyPatchBase:
                     "the module itself, e.g. model.double(), to change dtypes)"
                 )
             device = self._device or original.device
-            if not _same_device(p.device, device):
+            if not same_device(p.device, device):
                 raise ValueError(f"parameter {name!r} is on {p.device}, expected {device}")
         return params
 
@@ -555,11 +549,6 @@ class _BatchedView:
         return f"PerTask({self._module!r})"
 
 
-def _same_device(a: _torch.device, b: _torch.device) -> bool:
-    # "cuda" (no index) stands for the current device: it matches any index of its type.
-    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
-
-
 def make_functional(
     module: _nn.Module,
     encapsulator: _EncapsulatorType = None,
@@ -609,7 +598,7 @@ def buffer_sync(
     index = {name: i for i, name in enumerate(tree.buffer_names)}
     for name, buffer in module.named_buffers():
         if name not in index:
-            raise KeyError(f"buffer {name!r} is not a buffer of the patched module")
+            raise KeyErrorSentence(f"buffer {name!r} is not a buffer of the patched module")
         copy = fmodule._stack(buffer.detach())
         buffers[index[name]] = copy if device is None else copy.to(device)
     tree.write_buffers(buffers)
@@ -653,8 +642,8 @@ def monkeypatch(
         ``params=``.
 
     Raises:
-        ValueError: ``module`` is already patched, ``track_higher_grads`` is not a bool, or
-            ``num_tasks`` is not a positive int.
+        ValueError: ``module`` is already patched, or ``num_tasks`` is not a positive int.
+        TypeError: ``track_higher_grads`` is not a bool.
 
     Example (batched):
         >>> model = torch.nn.Linear(3, 1)

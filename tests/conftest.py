@@ -34,3 +34,20 @@ def fast_thread_switching():
     sys.setswitchinterval(1e-6)
     yield
     sys.setswitchinterval(interval)
+
+
+@pytest.fixture
+def optimizer_registry():
+    """Undo ``register_optim`` after the test, in higher_func and in higher, so that a test
+    registering an optimizer leaves the registry as it found it (the suite can run twice in one
+    process, and no later test sees the extra entry)."""
+    import higher
+
+    import higher_func
+
+    registries = [higher_func.optim._opt_mapping, higher.optim._opt_mapping]
+    saved = [dict(registry) for registry in registries]
+    yield
+    for registry, before in zip(registries, saved):
+        registry.clear()
+        registry.update(before)

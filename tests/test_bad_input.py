@@ -4,7 +4,8 @@ Every entry point a user feeds (fast weights through ``update_params``, ``fmodel
 params=...)`` and ``diffopt.step(loss, params=...)``, losses, ``override`` values, what a
 ``grad_callback`` returns, inputs of a batched module, ``parameters(time=...)``) is given
 wrong shapes, dtypes, devices ("meta" stands in for another device), keys, counts and
-non-tensors. The contract checked for each:
+non-tensors; ``override`` values go to every optimizer of the registry. The contract checked
+for each:
 
 * only ``ValueError``, ``TypeError``, ``KeyError`` or ``RuntimeError`` is raised, never a
   silent result;
@@ -25,6 +26,7 @@ from hypothesis import strategies as st
 from zoo import ZOO, assert_module_unchanged, assert_same_objects, snapshot
 
 import higher_func as higher
+from higher_func._rules import OPTIMIZERS
 
 ERRORS = (ValueError, TypeError, KeyError, RuntimeError)
 NAMES = ["0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias"]
@@ -313,7 +315,7 @@ NON_FINITE = st.sampled_from([math.nan, math.inf, -math.inf])
 @st.composite
 def non_finite_overrides(draw):
     """``(optimizer, override, key)``: one numeric hyperparameter made NaN or infinite."""
-    optimizer = draw(st.sampled_from([torch.optim.SGD, torch.optim.Adam, torch.optim.RMSprop]))
+    optimizer = draw(st.sampled_from(list(OPTIMIZERS)))
     defaults = optimizer([torch.zeros(1, requires_grad=True)], lr=0.1).param_groups[0]
     keys = [k for k, v in defaults.items() if isinstance(v, (int, float, tuple))]
     keys = [k for k in keys if not isinstance(defaults[k], bool)]
@@ -471,3 +473,34 @@ def test_task_counts_that_do_not_fit_are_refused(bad):
     tasks, action, pattern = bad
     setup = Setup(num_tasks=tasks)
     setup.assert_refused(action(setup), pattern)
+
+
+# ---------------------------------------------------------------------------------------------
+# Elementwise hyperparameters
+# ---------------------------------------------------------------------------------------------
+
+_dims = st.lists(st.integers(1, 3), min_size=0, max_size=3).map(tuple)
+
+
+@settings(max_examples=60, deadline=None)
+@given(shape=_dims.filter(lambda s: len(s) > 0), lr_shape=_dims)
+def test_an_elementwise_lr_is_accepted_exactly_when_it_broadcasts_to_the_weight(shape, lr_shape):
+    weight = torch.zeros(shape, requires_grad=True)
+    opt = torch.optim.SGD([weight], lr=0.1)
+    lr = torch.full(lr_shape, 0.5)
+    try:
+        fits = torch.broadcast_shapes(lr_shape, shape) == shape
+    except RuntimeError:
+        fits = False
+    fits = fits or lr.numel() == 1
+    if not fits:
+        with pytest.raises(ValueError, match=r"override\['lr'\] has shape"):
+            higher.optim.get_diff_optim(opt, [weight], override={"lr": [lr]})
+        return
+    diffopt = higher.optim.get_diff_optim(opt, [weight], override={"lr": [lr]})
+    fast = weight.clone()
+    (new,) = diffopt.step((fast * torch.arange(fast.numel()).reshape(shape)).sum(), params=[fast])
+    assert new.shape == weight.shape
+    torch.testing.assert_close(
+        new, -0.5 * torch.arange(fast.numel(), dtype=new.dtype).reshape(shape)
+    )

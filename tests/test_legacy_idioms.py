@@ -237,8 +237,11 @@ def test_private_arithmetic_helpers_match_higher(name, coefficient):
 
 
 def test_private_helpers_import_the_legacy_way():
-    code = "from higher_func.optim import _add, _addcdiv, _addcmul; print(_add)"
-    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    code = "from higher_func.optim import _add, _addcdiv, _addcmul; print(_add.__name__)"
+    result = subprocess.run(
+        [sys.executable, "-c", code], check=True, capture_output=True, text=True
+    )
+    assert result.stdout.strip() == "_add"
 
 
 def _heavy_ball_class(optim_module):
@@ -264,7 +267,7 @@ class _HeavyBallOpt(torch.optim.SGD):
     pass
 
 
-def test_custom_subclass_using_private_helpers_matches_higher():
+def test_custom_subclass_using_private_helpers_matches_higher(optimizer_registry):
     results = []
     for lib, net in zip((higher, higher_func), _net_pair()):
         lib.register_optim(_HeavyBallOpt, _heavy_ball_class(lib.optim))

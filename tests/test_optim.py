@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import pathlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -32,6 +33,7 @@ from zoo import with_params
 
 import higher_func
 from higher_func import _rules
+from higher_func._compat import pytree
 from higher_func.optim import (
     DifferentiableOptimizer,
     apply_trainable_opt_params,
@@ -224,24 +226,29 @@ HIGHER_RPROP_WARNING = pytest.mark.filterwarnings(
 
 
 def test_registry_covers_every_optimizer():
-    expected = {
-        torch.optim.SGD: higher_func.optim.DifferentiableSGD,
-        torch.optim.Adam: higher_func.optim.DifferentiableAdam,
-        torch.optim.AdamW: higher_func.optim.DifferentiableAdamW,
-        torch.optim.Adadelta: higher_func.optim.DifferentiableAdadelta,
-        torch.optim.Adagrad: higher_func.optim.DifferentiableAdagrad,
-        torch.optim.Adamax: higher_func.optim.DifferentiableAdamax,
-        torch.optim.ASGD: higher_func.optim.DifferentiableASGD,
-        torch.optim.RMSprop: higher_func.optim.DifferentiableRMSprop,
-        torch.optim.Rprop: higher_func.optim.DifferentiableRprop,
-        torch.optim.NAdam: higher_func.optim.DifferentiableNAdam,
-        torch.optim.RAdam: higher_func.optim.DifferentiableRAdam,
-    }
-    assert {c.opt_type for c in CASES} == set(expected)
+    # Every entry of the one registry has a case here, and get_diff_optim turns it into the
+    # class made from its rule, exported under higher's name.
+    assert {c.opt_type for c in CASES} == set(_rules.OPTIMIZERS)
     for case in CASES:
         model = _mlp(torch.float64)
         diffopt = get_diff_optim(case.make(model.parameters()), model.parameters())
-        assert type(diffopt) is expected[case.opt_type]
+        name = f"Differentiable{case.opt_type.__name__}"
+        assert type(diffopt) is getattr(higher_func.optim, name)
+        assert type(diffopt).__name__ == name and name in higher_func.optim.__all__
+        assert type(diffopt).rule is _rules.OPTIMIZERS[case.opt_type]
+        assert higher_func.optim._opt_mapping[case.opt_type] is type(diffopt)
+
+
+@pytest.mark.parametrize("opt_type", list(_rules.OPTIMIZERS), ids=lambda t: t.__name__)
+def test_every_registered_optimizer_is_documented(opt_type):
+    root = pathlib.Path(__file__).resolve().parent.parent
+    api = (root / "docs" / "api" / "optim.md").read_text()
+    assert f"`Differentiable{opt_type.__name__}` | `torch.optim.{opt_type.__name__}`" in api
+    assert f"`Differentiable{opt_type.__name__}`" in (root / "docs" / "optimizers.md").read_text()
+
+
+def test_rules_are_keyed_by_their_optimizer_class_name():
+    assert _rules.RULES == {t.__name__.lower(): r for t, r in _rules.OPTIMIZERS.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,6 +264,8 @@ def _seeded(seed: int, make: Callable[[], Any]) -> Any:
 
 
 def _mlp(dtype: torch.dtype, seed: int = 0) -> nn.Module:
+    """A smooth (tanh) MLP, not the zoo's ReLU one: finite-difference hypergradients and the
+    float64 tolerances below need a loss without kinks."""
     return _seeded(
         seed, lambda: nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(dtype)
     )
@@ -640,9 +649,8 @@ def test_step_override_replaces_stored_override():
 
 
 def _map_leaves(value: Any, fn: Callable[[Any], Any]) -> Any:
-    if isinstance(value, (tuple, list)):
-        return type(value)(_map_leaves(v, fn) for v in value)
-    return fn(value)
+    """``fn`` applied to every number or tensor of a hyperparameter (pairs such as ``betas``)."""
+    return pytree.tree_map(fn, value)
 
 
 def _leaves(value: Any) -> list[Any]:
@@ -1158,7 +1166,7 @@ def _scaled_sgd_meta_gradients(make_diffopt: Callable[..., DifferentiableOptimiz
     return diffopt
 
 
-def test_register_optim_with_a_rule():
+def test_register_optim_with_a_rule(optimizer_registry):
     with pytest.raises(ValueError, match="register"):
         _scaled_sgd_meta_gradients(get_diff_optim)
     register_optim(ScaledSGD, DifferentiableScaledSGD)

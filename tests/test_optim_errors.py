@@ -1,7 +1,10 @@
 """Bad input to ``higher_func.optim`` fails at once, with a message naming the mistake.
 
-Each test also checks that a rejected call leaves the optimizer as it was, so a caller who
-catches the error can go on.
+Hand-written cases, one per mistake, each checking the exception type (``TypeError`` for a
+wrong type, ``ValueError`` for a wrong value, ``KeyError`` for an unknown key) and the message;
+where a rejected call could have changed something, the test checks that it did not. The same
+contract over drawn input is the property of ``test_bad_input.py``; the patched module's own
+cases are in ``test_patch_errors.py``.
 """
 
 from __future__ import annotations
@@ -9,9 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from torch import nn
+from zoo import ZOO
 
 import higher_func
 from higher_func.optim import (
@@ -24,20 +26,18 @@ from higher_func.optim import (
 
 
 def _model() -> nn.Module:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    """The zoo MLP (float64): 0.weight (8, 4), 0.bias, 2.weight (8, 8), 2.bias, 4.weight (3, 8),
+    4.bias."""
+    return ZOO["mlp"]().model
 
 
 def _two_groups(model: nn.Module) -> torch.optim.Optimizer:
-    return torch.optim.SGD(
-        [{"params": list(model[0].parameters())}, {"params": list(model[2].parameters())}],
-        lr=0.1,
-    )
+    second = [*model[2].parameters(), *model[4].parameters()]
+    return torch.optim.SGD([{"params": list(model[0].parameters())}, {"params": second}], lr=0.1)
 
 
 def _data():
-    return torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    return torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
 
 
 def _patched():
@@ -106,6 +106,10 @@ def test_override_list_fits_neither_one_nor_every_group(count):
 
 def test_override_of_an_unknown_key_lists_the_known_ones():
     model = _model()
+    with pytest.raises(KeyError) as info:
+        get_diff_optim(_two_groups(model), model.parameters(), override={"learning_rate": [0.1]})
+    # A sentence, not the quoted repr a plain KeyError prints.
+    assert str(info.value).startswith("override names 'learning_rate', which is not")
     with pytest.raises(KeyError, match=r"'learning_rate', which is not a hyperparameter.*'lr'"):
         get_diff_optim(_two_groups(model), model.parameters(), override={"learning_rate": [0.1]})
     with pytest.raises(KeyError, match=r"'params', which is not a hyperparameter"):
@@ -147,7 +151,7 @@ def test_bad_override_at_step_changes_nothing():
 def test_optimizer_parameter_missing_from_reference_params():
     model, other = _model(), _model()
     with pytest.raises(
-        ValueError, match=r"parameter 0 of group 0 \(shape \(4, 3\)\) is not among reference_params"
+        ValueError, match=r"parameter 0 of group 0 \(shape \(8, 4\)\) is not among reference_params"
     ):
         get_diff_optim(_two_groups(model), other.parameters())
 
@@ -164,7 +168,7 @@ def test_step_with_the_wrong_number_of_params():
     model = _model()
     diffopt = get_diff_optim(_two_groups(model), model.parameters())
     params = [p.detach().clone().requires_grad_() for p in model.parameters()]
-    with pytest.raises(ValueError, match=r"step\(\) got 3 parameters, expected 4"):
+    with pytest.raises(ValueError, match=r"step\(\) got 3 parameters, expected 6"):
         diffopt.step(params[0].sum(), params=params[:3])
 
 
@@ -177,7 +181,7 @@ def test_non_scalar_loss():
     _, _, fmodel, diffopt = _patched()
     x, y = _data()
     before = list(fmodel.parameters())
-    with pytest.raises(ValueError, match=r"loss must be a scalar, got shape \(5, 2\)"):
+    with pytest.raises(ValueError, match=r"loss must be a scalar, got shape \(5, 3\)"):
         diffopt.step(F.mse_loss(fmodel(x), y, reduction="none"))
     assert all(a is b for a, b in zip(fmodel.parameters(), before))
 
@@ -228,7 +232,7 @@ def test_loss_not_computed_from_the_fast_weights():
 
 def test_grad_callback_returning_the_wrong_number_of_gradients():
     _, _, fmodel, diffopt = _patched()
-    with pytest.raises(ValueError, match="grad_callback returned 1 gradients for 4 parameters"):
+    with pytest.raises(ValueError, match="grad_callback returned 1 gradients for 6 parameters"):
         diffopt.step(_loss(fmodel), grad_callback=lambda grads: grads[:1])
 
 
@@ -240,16 +244,16 @@ def test_grad_callback_returning_the_wrong_number_of_gradients():
 @pytest.mark.parametrize("value", [1, "yes", None])
 def test_track_higher_grads_must_be_a_bool(value):
     model = _model()
-    with pytest.raises(ValueError, match="track_higher_grads must be a bool"):
+    with pytest.raises(TypeError, match="track_higher_grads must be a bool"):
         get_diff_optim(_two_groups(model), model.parameters(), track_higher_grads=value)
-    with pytest.raises(ValueError, match="track_higher_grads must be a bool"):
+    with pytest.raises(TypeError, match="track_higher_grads must be a bool"):
         with higher_func.innerloop_ctx(model, _two_groups(model), track_higher_grads=value):
             pass
 
 
 def test_first_order_must_be_a_bool():
     model = _model()
-    with pytest.raises(ValueError, match="first_order must be a bool"):
+    with pytest.raises(TypeError, match="first_order must be a bool"):
         get_diff_optim(_two_groups(model), model.parameters(), first_order="yes")
 
 
@@ -310,28 +314,23 @@ def test_apply_trainable_opt_params_refuses_elementwise_values():
         apply_trainable_opt_params(opt, {"lr": [torch.ones(2, 3)]})
 
 
-_dims = st.lists(st.integers(1, 3), min_size=0, max_size=3).map(tuple)
+@pytest.mark.parametrize("batched", [False, True], ids=["single", "batched"])
+def test_state_dict_task_fits_the_optimizer(batched):
+    model = _model()
+    fmodel = higher_func.monkeypatch(model, num_tasks=2 if batched else None)
+    diffopt = get_diff_optim(_two_groups(model), model.parameters(), fmodel=fmodel)
+    with pytest.raises(ValueError, match=r"state_dict\(task=t\) selects one task of a batched opt"):
+        diffopt.state_dict(task=None if batched else 0)
+    if batched:
+        with pytest.raises(ValueError, match="task 2 is out of range for num_tasks=2"):
+            diffopt.state_dict(task=2)
+        with pytest.raises(TypeError, match=r"state_dict\(task=\) must be an int, got str"):
+            diffopt.state_dict(task="0")
 
 
-@settings(max_examples=60, deadline=None)
-@given(shape=_dims.filter(lambda s: len(s) > 0), lr_shape=_dims)
-def test_an_elementwise_lr_is_accepted_exactly_when_it_broadcasts_to_the_weight(shape, lr_shape):
-    weight = torch.zeros(shape, requires_grad=True)
-    opt = torch.optim.SGD([weight], lr=0.1)
-    lr = torch.full(lr_shape, 0.5)
-    try:
-        fits = torch.broadcast_shapes(lr_shape, shape) == shape
-    except RuntimeError:
-        fits = False
-    fits = fits or lr.numel() == 1
-    if not fits:
-        with pytest.raises(ValueError, match=r"override\['lr'\] has shape"):
-            get_diff_optim(opt, [weight], override={"lr": [lr]})
-        return
-    diffopt = get_diff_optim(opt, [weight], override={"lr": [lr]})
-    fast = weight.clone()
-    (new,) = diffopt.step((fast * torch.arange(fast.numel()).reshape(shape)).sum(), params=[fast])
-    assert new.shape == weight.shape
-    torch.testing.assert_close(
-        new, -0.5 * torch.arange(fast.numel(), dtype=new.dtype).reshape(shape)
-    )
+def test_numerics_mode_must_be_one_of_the_two_strings():
+    with pytest.raises(TypeError, match=r"numerics\(mode\) must be the string 'torch' or 'higher'"):
+        higher_func.optim.numerics(None)
+    with pytest.raises(ValueError, match=r"numerics\(mode\) must be 'torch'.*got 'fast'"):
+        higher_func.optim.numerics("fast")
+    assert higher_func.optim.get_numerics() == "torch"

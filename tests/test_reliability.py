@@ -9,7 +9,8 @@
 * Memory: nothing of an inner loop outlives it, with the cyclic garbage collector off so that
   reference cycles show; live tensors stay flat over many meta-steps.
 * Saving: an adapted model's ``state_dict`` loads into a fresh instance of the module's class;
-  ``copy.deepcopy`` of a patched module or optimizer is independent or refused clearly.
+  ``copy.deepcopy`` of a patched module or optimizer is refused with a ``TypeError`` that
+  says what to do instead, and leaves it working.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
-import re
 import threading
 import types
 import weakref
@@ -41,7 +41,7 @@ from zoo import (
 )
 
 import higher_func as higher
-from higher_func.optim import _opt_mapping
+from higher_func._rules import OPTIMIZERS
 
 # How long a deliberately paused call waits for the other thread before giving up. A correct
 # lock makes the other thread wait, so every such test spends this long once.
@@ -263,9 +263,11 @@ def test_two_views_of_one_module_never_see_each_others_weights():
     assert_module_unchanged(model, before)
 
 
-def test_bare_functional_call_has_the_race_the_lock_prevents():
-    # Informational: the same interleaving with torch.func.functional_call, which lends
-    # without a lock. Nothing is asserted about torch; the outcome is printed (pytest -rP).
+def test_the_interleaving_breaks_bare_functional_call():
+    # The control for the test above: the same forced interleaving with
+    # torch.func.functional_call, which lends weights into the user's module, does go wrong,
+    # so the interleaving really exercises the hazard that patched modules avoid by never
+    # writing into the module.
     model = _gated_model()
     originals = [p.detach().clone() for p in model.parameters()]
     x = torch.randn(4, 3, dtype=torch.float64)
@@ -275,13 +277,12 @@ def test_bare_functional_call_has_the_race_the_lock_prevents():
         return torch.func.functional_call(model, {"1.weight": w[0], "1.bias": w[1]}, (x,))
 
     out_a, out_b = _worst_interleaving(lambda: call(wa), lambda: call(wb), [_pause_at(model[0])])
-    a_wrong = not torch.allclose(out_a, F.linear(x, *wa))
-    b_wrong = not torch.allclose(out_b, F.linear(x, *wb))
-    left_changed = not all(torch.equal(p, o) for p, o in zip(model.parameters(), originals))
-    print(
-        f"functional_call in two threads: A saw wrong weights: {a_wrong}, B saw wrong weights: "
-        f"{b_wrong}, module left changed: {left_changed}"
-    )
+    # A runs its layer while B's weights are lent; B, entering after A lent its own, restores
+    # A's weights on exit, and ran on them.
+    assert not torch.allclose(out_a, F.linear(x, *wa))
+    assert torch.allclose(out_a, F.linear(x, *wb))
+    assert not torch.allclose(out_b, F.linear(x, *wb))
+    assert not all(torch.equal(p, o) for p, o in zip(model.parameters(), originals))
 
 
 def test_a_module_and_its_submodule_patched_in_two_threads():
@@ -631,7 +632,7 @@ def test_nothing_outlives_an_inner_loop_that_called_a_submodule():
     assert alive == 0, f"{alive} of {len(refs)} tensors of the inner loop are still alive"
 
 
-@pytest.mark.parametrize("opt_type", list(_opt_mapping), ids=lambda t: t.__name__)
+@pytest.mark.parametrize("opt_type", list(OPTIMIZERS), ids=lambda t: t.__name__)
 def test_no_tensor_hooks_on_fast_weights_or_state(opt_type):
     case = ZOO["frozen"]()
     opt = opt_type(case.model.parameters(), lr=0.01)
@@ -754,49 +755,30 @@ def test_adapted_state_dict_loads_into_a_fresh_instance(name):
         assert_trees_close(fresh(*case.inputs), fmodel(*case.inputs))
 
 
-def _clear_copy_error(error: BaseException, what: str) -> bool:
-    message = str(error)
-    return bool(re.search(r"(?i)copy", message) and re.search(what, message))
-
-
 @pytest.mark.parametrize("track", [True, False], ids=["tracking", "not_tracking"])
-def test_deepcopy_of_a_patched_module_is_independent_or_refused_clearly(track):
+def test_deepcopy_of_a_patched_module_is_refused_and_changes_nothing(track):
+    # Its fast weights are part of an autograd graph that a copy could not share: refused,
+    # with a message naming what to do, and the patched module works on as before.
     case = ZOO["mlp"]()
     opt = torch.optim.SGD(case.model.parameters(), lr=0.1)
     with higher.innerloop_ctx(case.model, opt, track_higher_grads=track) as (fmodel, diffopt):
         diffopt.step(scalar_loss(fmodel(*case.inputs)))
-        try:
-            twin = copy.deepcopy(fmodel)
-        except (TypeError, RuntimeError, ValueError) as error:
-            assert _clear_copy_error(error, r"(?i)patched|monkeypatch"), (
-                f"deepcopy(fmodel) raised an unclear {type(error).__name__}: {error}"
-            )
-            return
         expected = [p.detach().clone() for p in fmodel.parameters()]
-        twin.update_params([p + 1 for p in twin.parameters()])
+        with pytest.raises(TypeError, match=r"deepcopy of a patched module is not supported"):
+            copy.deepcopy(fmodel)
         assert_trees_close(list(fmodel.parameters()), expected)
         assert_trees_close(fmodel(*case.inputs), with_params(case.model, expected)(*case.inputs))
+        diffopt.step(scalar_loss(fmodel(*case.inputs)))
 
 
 @pytest.mark.parametrize("track", [True, False], ids=["tracking", "not_tracking"])
-def test_deepcopy_of_a_differentiable_optimizer_is_independent_or_refused_clearly(track):
+def test_deepcopy_of_a_differentiable_optimizer_is_refused_and_changes_nothing(track):
     case = ZOO["mlp"]()
     opt = torch.optim.SGD(case.model.parameters(), lr=0.1, momentum=0.9)
     with higher.innerloop_ctx(case.model, opt, track_higher_grads=track) as (fmodel, diffopt):
         diffopt.step(scalar_loss(fmodel(*case.inputs)))
-        try:
-            twin = copy.deepcopy(diffopt)
-        except (TypeError, RuntimeError, ValueError) as error:
-            assert _clear_copy_error(error, r"(?i)Differentiable|optimizer"), (
-                f"deepcopy(diffopt) raised an unclear {type(error).__name__}: {error}"
-            )
-            return
-        weights = [p.detach().clone() for p in fmodel.parameters()]
         momentum = [t.detach().clone() for t in state_tensors(diffopt)]
-        # Step the copy on weights of its own, computed without touching fmodel.
-        names = [n for n, _ in case.model.named_parameters()]
-        own = [p.detach().clone().requires_grad_() for p in fmodel.parameters()]
-        out = torch.func.functional_call(case.model, dict(zip(names, own)), case.inputs)
-        twin.step(scalar_loss(out), params=own)
-        assert_trees_close(list(fmodel.parameters()), weights)
+        with pytest.raises(TypeError, match=r"deepcopy of a differentiable optimizer.*state_dict"):
+            copy.deepcopy(diffopt)
         assert_trees_close(state_tensors(diffopt), momentum)
+        diffopt.step(scalar_loss(fmodel(*case.inputs)))

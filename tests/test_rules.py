@@ -1,7 +1,9 @@
 """The pure update rules against ``torch.optim``, and their differentiability.
 
-Every invariant runs over ``CASES``, a registry of (rule, hyperparameters) pairs that together
-set every hyperparameter of every rule away from its default. The oracle is ``torch.optim``
+Every invariant runs over ``CASES``, a list of (rule, hyperparameters) pairs that together
+set every hyperparameter of every rule of the library's registry (``_rules.OPTIMIZERS``) away
+from its default; a registered optimizer without such cases fails
+``test_registry_covers_every_rule_and_option``. The oracle is ``torch.optim``
 itself (its single-tensor path, ``foreach=False``), driven by the same loss as the rule.
 """
 
@@ -16,21 +18,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from higher_func import _rules
 from higher_func._rules import RULES
 
-OPTIMIZERS = {
-    "sgd": torch.optim.SGD,
-    "adam": torch.optim.Adam,
-    "adamw": torch.optim.AdamW,
-    "adadelta": torch.optim.Adadelta,
-    "adagrad": torch.optim.Adagrad,
-    "adamax": torch.optim.Adamax,
-    "asgd": torch.optim.ASGD,
-    "rmsprop": torch.optim.RMSprop,
-    "rprop": torch.optim.Rprop,
-    "nadam": torch.optim.NAdam,
-    "radam": torch.optim.RAdam,
-}
+#: Rule name -> torch.optim class, from the library's one registry.
+OPTIMIZERS = {rule.update.__name__: opt_type for opt_type, rule in _rules.OPTIMIZERS.items()}
 KERNEL_ONLY = {"foreach", "fused", "capturable", "differentiable"}
 
 CASES: list[tuple[str, dict[str, Any]]] = [
