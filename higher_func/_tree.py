@@ -20,9 +20,11 @@ reassign a buffer (``self.ema = 0.9 * self.ema + ...``).
 
 from __future__ import annotations
 
+import collections
 import functools
 import sys
 import types
+import weakref
 from typing import Any, Dict, Iterator, List, Sequence, Tuple
 
 import torch
@@ -35,6 +37,7 @@ from torch import nn
 _BOOKKEEPING = tuple(
     key for key, value in nn.Module().__dict__.items() if isinstance(value, (dict, set))
 )
+_BOOKKEEPING_SET = frozenset(_BOOKKEEPING)
 
 _Slot = Tuple[Dict[str, Any], str, int]  # (the dict holding it, key, index among distinct)
 
@@ -87,15 +90,101 @@ def _refuse_checkpoint(module: nn.Module, args: Any) -> None:
         )
 
 
-def _shallow_copy(module: nn.Module) -> nn.Module:
-    """A copy of ``module`` sharing everything but nn.Module's bookkeeping containers."""
+def _shallow_copy(module: nn.Module, containers: Dict[int, Any]) -> nn.Module:
+    """A copy of ``module`` sharing everything but nn.Module's bookkeeping containers (each
+    recorded in ``containers`` as ``id(original) -> copy``)."""
+    if isinstance(module, torch.jit.ScriptModule):
+        raise TypeError(
+            f"cannot patch the TorchScript module {type(module).__name__}: patch the Python "
+            "module it was scripted from"
+        )
     copy = object.__new__(type(module))
     state, original = copy.__dict__, module.__dict__
     state.update(original)
     for key in _BOOKKEEPING:
         if key in original:
-            state[key] = original[key].copy()
+            state[key] = containers[id(original[key])] = original[key].copy()
+    for klass in type(module).__mro__:  # attributes kept in __slots__, not in __dict__
+        for slot in getattr(klass, "__slots__", ()):
+            if slot not in ("__dict__", "__weakref__") and hasattr(module, slot):
+                object.__setattr__(copy, slot, getattr(module, slot))
     return copy
+
+
+class _Private:
+    """Make a copy's shared attributes point into the patch instead of the user's module.
+
+    A shallow copy shares every attribute with the user's module, so without this pass a
+    forward would still reach the user's module through them: a submodule kept in a plain
+    list or as a bound method (``self.impl = self._forward``), a hook that is a bound method
+    of a module, a ``RemovableHandle`` a hook uses to remove itself, a list or dict a forward
+    appends to, a plain tensor attribute updated in place. Containers and tensors are copied
+    once per patch (two modules sharing one keep sharing its copy); everything else (config
+    values, functions, other objects) stays shared.
+    """
+
+    def __init__(self, copies: Dict[int, nn.Module], containers: Dict[int, Any]) -> None:
+        self._copies = copies
+        self._containers = containers
+        self._seen: Dict[int, Any] = {}
+
+    def __call__(self, value: Any) -> Any:
+        seen = self._seen.get(id(value), _UNSEEN)
+        if seen is not _UNSEEN:
+            return seen
+        new = self._private(value)
+        self._seen[id(value)] = new
+        return new
+
+    def _private(self, value: Any) -> Any:
+        if isinstance(value, nn.Module):
+            return self._copies.get(id(value), value)
+        if isinstance(value, types.MethodType) and isinstance(value.__self__, nn.Module):
+            owner = self._copies.get(id(value.__self__))
+            return value if owner is None else types.MethodType(value.__func__, owner)
+        if isinstance(value, torch.utils.hooks.RemovableHandle):
+            return self._handle(value)
+        if isinstance(value, torch.Tensor):
+            # A plain tensor attribute (not a parameter or buffer) a forward may update in
+            # place. Parameters stay shared: they are the user's, read-only to a forward.
+            return value if isinstance(value, nn.Parameter) else value.clone()
+        if type(value) in (list, tuple, set):
+            return type(value)(self(v) for v in value)
+        if type(value) in (dict, collections.OrderedDict):
+            return type(value)((k, self(v)) for k, v in value.items())
+        return value
+
+    def _handle(self, handle: Any) -> Any:
+        hooks = self._containers.get(id(handle.hooks_dict_ref()))
+        if hooks is None:  # not a hook of a module in the tree
+            return handle
+        new = object.__new__(type(handle))
+        new.__dict__.update(handle.__dict__)
+        new.hooks_dict_ref = weakref.ref(hooks)
+        new.extra_dict_ref = tuple(
+            weakref.ref(self._containers.get(id(ref()), ref())) for ref in handle.extra_dict_ref
+        )
+        return new
+
+    def own(self, copy: nn.Module) -> None:
+        state = copy.__dict__
+        for key, value in state.items():
+            if type(value) in _IMMUTABLE:
+                continue
+            if key in _BOOKKEEPING_SET:
+                if key.endswith("hooks"):  # hook dicts: rebind hooks that are bound methods
+                    for hook_id, hook in value.items():
+                        value[hook_id] = self(hook)
+                continue
+            state[key] = self(value)
+        # nn.Module.compile() binds a compiled call to the original module: the copy runs its
+        # own forward (compile the meta-step with higher_func.compile instead).
+        if state.get("_compiled_call_impl") is not None:
+            state["_compiled_call_impl"] = None
+
+
+_UNSEEN = object()
+_IMMUTABLE = frozenset({bool, int, float, str, type(None), torch.dtype, torch.device})
 
 
 class _Tensors:
@@ -138,7 +227,11 @@ class ModuleTree:
         self.copies: Dict[int, nn.Module] = {}
         self.buffers_as_attributes = compiling
         params, buffers = _Tensors(), _Tensors()
+        self._containers: Dict[int, Any] = {}
         self.root = self._copy(module, "", params, buffers)
+        private = _Private(self.copies, self._containers)
+        for copy in self.copies.values():
+            private.own(copy)
         self.param_names, self.params, self.param_index = (
             params.names,
             params.originals,
@@ -169,9 +262,14 @@ class ModuleTree:
         copy = self.copies.get(id(module))
         first = copy is None
         if first:
-            copy = self.copies[id(module)] = _shallow_copy(module)
+            copy = self.copies[id(module)] = _shallow_copy(module, self._containers)
         state = copy.__dict__
         for key, p in module._parameters.items():
+            if isinstance(p, nn.parameter.UninitializedParameter):
+                raise TypeError(
+                    f"{prefix + key} of {type(module).__name__} is not initialized yet (a lazy "
+                    "module): run one forward on the module before patching it"
+                )
             if p is not None:
                 params.add(prefix + key, p, state["_parameters"] if first else None, key)
         for key, b in module._buffers.items():

@@ -82,6 +82,9 @@ class _MonkeyPatchBase:
         state["_tasks"] = None if num_tasks is None else _TaskBatch(num_tasks, module, randomness)
         state["_index"] = tree.param_index
         state["_shapes"] = [self._stack_shape(p.shape) for p in tree.params]
+        # As patched: converting the module afterwards (model.double()) changes its Parameters
+        # in place, not the patch's fast weights or buffers.
+        state["_kinds"] = [(p.dtype, p.device) for p in tree.params]
         state["_device"] = None if device is None else _torch.device(device)
         state["_fast_params"] = None
         state["_track_higher_grads"] = True
@@ -142,7 +145,7 @@ class _MonkeyPatchBase:
         tree = self.__dict__.get("_tree")
         if name.startswith("__") or tree is None:
             raise AttributeError(name)
-        _refuse(name)
+        _refuse(name, tree.root)
         if self._tasks is None:
             return getattr(tree.root, name)
         return _batched_attr(self, tree.root, name)
@@ -153,6 +156,8 @@ class _MonkeyPatchBase:
         # the patch's copy of the module, where its forward sees it.
         if isinstance(getattr(type(self), name, None), property):
             object.__setattr__(self, name, value)
+        elif isinstance(value, _nn.Module):
+            _refuse_new_module(name)
         elif name in self._index:
             params = list(self._params_at(None))
             params[self._index[name]] = value
@@ -246,9 +251,14 @@ class _MonkeyPatchBase:
         remove_duplicate: bool = True,
         time: Optional[int] = None,
     ) -> Iterator[Tuple[str, _torch.Tensor]]:
-        """``(name, fast weight)`` pairs (see ``parameters``)."""
+        """``(name, fast weight)`` pairs (see ``parameters``); with ``remove_duplicate=False``
+        a tied weight is yielded under each of its names."""
         dot = "." if prefix else ""
-        return zip([prefix + dot + n for n in self._tree.param_names], self._params_at(time))
+        params = self._params_at(time)
+        if not remove_duplicate:
+            index = self._tree.param_index
+            return iter([(prefix + dot + n, params[i]) for n, i in index.items()])
+        return zip([prefix + dot + n for n in self._tree.param_names], params)
 
     def named_buffers(
         self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
@@ -296,7 +306,9 @@ class _MonkeyPatchBase:
             state = type(state)((k, state[k]) for k in order if k in state)
         for key, tensor in state.items():
             if isinstance(tensor, _torch.Tensor):
-                tensor = tensor if task is None else tensor[task]
+                # Extra state (get_extra_state) is the module's own, never stacked per task.
+                stacked = task is not None and not key.endswith("_extra_state")
+                tensor = tensor[task] if stacked else tensor
                 state[key] = tensor if keep_vars else tensor.detach()
         return state
 
@@ -417,7 +429,7 @@ class _MonkeyPatchBase:
                 f"expected {len(names)} parameters (one per distinct parameter of the module, "
                 f"tied weights once), got {len(params)}"
             )
-        for name, p, shape, original in zip(names, params, self._shapes, self._tree.params):
+        for name, p, shape, (dtype, device) in zip(names, params, self._shapes, self._kinds):
             if not isinstance(p, _torch.Tensor):
                 raise TypeError(f"parameter {name!r} must be a tensor, got {type(p).__name__}")
             if p.shape != shape:
@@ -425,12 +437,13 @@ class _MonkeyPatchBase:
                     f"parameter {name!r} has shape {tuple(p.shape)}, expected {tuple(shape)}"
                 )
             # Mixed dtypes or devices would be promoted or, under vmap, silently miscomputed.
-            if p.dtype != original.dtype:
+            if p.dtype != dtype:
                 raise TypeError(
-                    f"parameter {name!r} has dtype {p.dtype}, expected {original.dtype} (convert "
-                    "the module itself, e.g. model.double(), to change dtypes)"
+                    f"parameter {name!r} has dtype {p.dtype}, expected {dtype}, its dtype when "
+                    "the module was patched (to change dtypes, convert the module, e.g. "
+                    "model.double(), then patch it again)"
                 )
-            device = self._device or original.device
+            device = self._device or device
             if not same_device(p.device, device):
                 raise ValueError(f"parameter {name!r} is on {p.device}, expected {device}")
         return params
@@ -447,8 +460,18 @@ class _MonkeyPatchBase:
         return sorted(set(object.__dir__(self)) | set(dir(self._tree.root)))
 
 
-def _refuse(name: str) -> None:
-    if name in _REFUSED:
+def _refuse_new_module(name: str) -> None:
+    raise TypeError(
+        f"cannot assign a module to {name!r} of a patched module: its parameters would not be "
+        "fast weights (the optimizer would never update them). Give the model that module "
+        "before patching it"
+    )
+
+
+def _refuse(name: str, module: _nn.Module) -> None:
+    # Only nn.Module's own methods: a module's attribute of the same name (self.type = "...")
+    # is the module's to read.
+    if name in _REFUSED and name not in module.__dict__:
         raise AttributeError(
             f"a patched module has no {name}(): it would convert or overwrite the fast weights "
             "in place, cutting them off the graph. Move or convert the module before patching "
@@ -510,10 +533,12 @@ class _BatchedView:
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__"):
             raise AttributeError(name)
-        _refuse(name)
+        _refuse(name, self._module)
         return _batched_attr(self._patch, self._module, name)
 
     def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, _nn.Module):
+            _refuse_new_module(name)
         setattr(self._module, name, value)
 
     def __getitem__(self, key: Any) -> Any:
@@ -580,6 +605,11 @@ def make_functional(
     fmodule = _MonkeyPatchBase(module, num_tasks, device, randomness)
     if encapsulator is not None:
         encapsulator(fmodule, module)
+    if fmodule._fast_params is None:
+        # Until fast weights are given, the copies hold private copies of the module's
+        # weights: a submodule called directly (fmodule.encoder(x)) computes as the module
+        # does, and an in-place write in its forward (Embedding's max_norm) stays in the patch.
+        fmodule._tree.write_params([p.detach().clone() for p in fmodule._tree.params])
     return fmodule
 
 

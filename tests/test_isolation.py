@@ -525,3 +525,168 @@ def test_random_architectures_compute_like_a_plain_module(layers, width, num_tas
         torch.testing.assert_close(task(out), plain(task(x)))
         for mine, theirs in zip(fmodel.buffers(), plain.buffers()):
             torch.testing.assert_close(task(mine), theirs)
+
+
+# ---------------------------------------------------------------------------------------------
+# What a shallow copy would otherwise still share with the user's module.
+# ---------------------------------------------------------------------------------------------
+
+
+class Indirect(nn.Module):
+    """Reaches its submodules and state in ways nn.Module's own dictionaries do not record."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 3)
+        self.b = nn.Linear(3, 2)
+        self.order = [self.a, nn.Tanh(), self.b]  # a plain list of submodules
+        self.first = self.a.forward  # a bound method kept as an attribute
+        self.log: list = []
+        self.stats = {"calls": 0}
+        self.mask = torch.ones(3)  # a plain tensor attribute, updated in place
+        self.b.register_forward_hook(self._capture)  # a hook that is a bound method
+        self._init_handle = self.register_forward_pre_hook(Indirect._initialize)
+
+    def _capture(self, module, args, output):
+        self.captured = output
+
+    @staticmethod
+    def _initialize(module, args):
+        module.initialized = True
+        module._init_handle.remove()  # ActNorm-style: runs once, then removes itself
+
+    def forward(self, x):
+        self.log.append(1)
+        self.stats["calls"] += 1
+        self.mask.mul_(0.5)
+        x = self.first(x) * self.mask * 2
+        for layer in self.order[1:]:
+            x = layer(x)
+        return x
+
+
+def test_indirect_references_reach_the_patch_not_the_model():
+    torch.manual_seed(0)
+    model = Indirect()
+    model.a.compile(backend="eager")  # a compiled call bound to the original
+    before = snapshot(model)
+    log, stats, mask = list(model.log), dict(model.stats), model.mask.clone()
+    fmodel = higher_func.monkeypatch(model)
+    new = _fast(fmodel, seed=7)
+    x = torch.randn(4, 3)
+    plain = Indirect()
+    with torch.no_grad():
+        for p, q in zip(plain.parameters(), new):
+            p.copy_(q)
+    for _ in range(2):
+        torch.testing.assert_close(fmodel(x), plain(x))
+    assert_module_unchanged(model, before)
+    assert model.log == log and model.stats == stats and torch.equal(model.mask, mask)
+    assert len(model._forward_pre_hooks) == 1 and "initialized" not in model.__dict__
+    assert fmodel.initialized and fmodel.stats["calls"] == 2 and len(fmodel.log) == 2
+    torch.testing.assert_close(fmodel.captured, plain.captured)
+
+
+def test_assigning_a_module_to_a_patched_module_is_refused():
+    model = nn.Sequential(nn.Linear(3, 3))
+    fmodel = higher_func.monkeypatch(model)
+    with pytest.raises(TypeError, match="would not be fast weights"):
+        fmodel.head = nn.Linear(3, 2)
+    batched = higher_func.monkeypatch(nn.Sequential(nn.Sequential(nn.Linear(3, 3))), num_tasks=2)
+    with pytest.raises(TypeError, match="would not be fast weights"):
+        batched[0].head = nn.Linear(3, 2)
+
+
+class Named(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(2, 2)
+        self.type = "regression"  # shadows nn.Module.type, as the module means it to
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def test_module_attributes_named_like_module_methods_read_as_the_module_has_them():
+    fmodel = higher_func.monkeypatch(Named())
+    assert fmodel.type == "regression"
+    with pytest.raises(AttributeError, match="no double"):
+        fmodel.double()
+
+
+def test_make_functional_submodules_never_touch_the_models_weights():
+    model = nn.Sequential(nn.Embedding(10, 4, max_norm=0.1))
+    before = snapshot(model)
+    fmodel = hf_patch.make_functional(model)
+    assert fmodel[0].weight is not model[0].weight
+    fmodel[0](torch.arange(10))  # renormalises its weight rows in place
+    assert_module_unchanged(model, before)
+    with pytest.raises(ValueError, match="no fast weights"):
+        fmodel(torch.arange(3))
+
+
+def test_converting_the_model_after_patching_gives_an_accurate_error():
+    model = nn.Linear(2, 2)
+    fmodel = higher_func.monkeypatch(model)
+    model.double()
+    with pytest.raises(TypeError, match="when the module was patched"):
+        fmodel.update_params([p.double() for p in fmodel.parameters()])
+
+
+def test_named_parameters_without_removing_duplicates_names_tied_weights_twice():
+    fmodel = higher_func.monkeypatch(Tied())
+    names = [n for n, _ in fmodel.named_parameters(remove_duplicate=False)]
+    assert names == [n for n, _ in Tied().named_parameters(remove_duplicate=False)]
+    assert (
+        dict(fmodel.named_parameters(remove_duplicate=False))["decoder.weight"]
+        is (fmodel.fast_params[0])
+    )
+
+
+class Slotted(nn.Module):
+    __slots__ = ("scale",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(2, 2)
+        self.scale = 3.0
+
+    def forward(self, x):
+        return self.fc(x) * self.scale
+
+
+def test_modules_that_cannot_be_copied_or_have_slots():
+    torch.manual_seed(0)
+    model = Slotted()
+    x = torch.ones(1, 2)
+    torch.testing.assert_close(higher_func.monkeypatch(model)(x), model(x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.script
+        scripted = nn.Sequential(torch.jit.script(nn.Linear(2, 2)))
+    with pytest.raises(TypeError, match="TorchScript"):
+        higher_func.monkeypatch(scripted)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # lazy modules are experimental
+        lazy = nn.Sequential(nn.LazyLinear(2))
+    with pytest.raises(TypeError, match="lazy"):
+        higher_func.monkeypatch(lazy)
+
+
+class WithExtraState(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(2, 2)
+
+    def get_extra_state(self):
+        return torch.arange(4.0)
+
+    def set_extra_state(self, state):
+        pass
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def test_extra_state_is_exported_whole_for_each_task():
+    fmodel = higher_func.monkeypatch(WithExtraState(), num_tasks=2)
+    assert torch.equal(fmodel.state_dict(task=1)["_extra_state"], torch.arange(4.0))
