@@ -78,10 +78,12 @@ class _MonkeyPatchBase:
         state["_module"] = module
         state["_tree"] = tree
         state["_compiling"] = compiling
-        state["_tasks"] = None if num_tasks is None else _TaskBatch(num_tasks, module, randomness)
+        device = None if device is None else _torch.device(device)
+        tasks = None if num_tasks is None else _TaskBatch(num_tasks, module, randomness, device)
+        state["_tasks"] = tasks
         state["_index"] = tree.param_index
         state["_shapes"] = [self._stack_shape(p.shape) for p in tree.params]
-        state["_device"] = None if device is None else _torch.device(device)
+        state["_device"] = device
         state["_fast_params"] = None
         state["_track_higher_grads"] = True
         buffers = [self._stack(b.detach()) for b in tree.buffers]
@@ -324,6 +326,24 @@ class _MonkeyPatchBase:
     def num_tasks(self) -> Optional[int]:
         """The number of tasks whose fast weights are stacked (``None``: not batched)."""
         return None if self._tasks is None else self._tasks.size
+
+    @property
+    def batching(self) -> Optional[str]:
+        """How the tasks of a batched patched module run: ``"vmap"`` (one vectorized call) or
+        ``"loop"`` (a Python loop over tasks, with the same results); ``None`` when not
+        batched.
+
+        The loop is chosen at patch time for modules without vmap batching rules (RNNs,
+        BatchNorm with ``momentum=None``) and, on a CPU, for convolutions with BatchNorm
+        (where it is faster); or at the first call that vmap cannot run. ``batching_reason``
+        says why.
+        """
+        return None if self._tasks is None else self._tasks.mode
+
+    @property
+    def batching_reason(self) -> Optional[str]:
+        """Why a batched patched module loops over its tasks (``None`` when it vmaps)."""
+        return None if self._tasks is None else self._tasks.reason
 
     def _stack_shape(self, shape: _torch.Size) -> _torch.Size:
         return shape if self._tasks is None else _torch.Size((self._tasks.size, *shape))
