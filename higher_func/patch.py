@@ -37,6 +37,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 import torch as _torch
 from torch import nn as _nn
 
+from . import _compile
 from ._batching import TaskBatch as _TaskBatch
 from ._compat import is_compiling as _is_compiling
 from ._tree import ModuleTree as _ModuleTree
@@ -361,6 +362,10 @@ class _MonkeyPatchBase:
     @fast_params.setter
     def fast_params(self, value: _Params) -> None:
         value = self._as_param_list(value)
+        if self._compiling and not self._track_higher_grads:
+            # The optimizer made new leaves (detach().requires_grad_()), which Dynamo refuses
+            # to return anything computed from: the same values in a form it can return.
+            value = [_compile.new_leaf(p, p.requires_grad) for p in value]
         if self._fast_params is None or not self._track_higher_grads:
             self.__dict__["_fast_params"] = [value]
         else:
@@ -682,7 +687,9 @@ def monkeypatch(
 
     def encapsulator(fmodule: _MonkeyPatchBase, module: _nn.Module) -> None:
         originals = fmodule._tree.params
-        if copy_initial_weights:
+        if copy_initial_weights and fmodule._compiling:
+            params = [_compile.new_leaf(fmodule._stack(p), p.requires_grad) for p in originals]
+        elif copy_initial_weights:
             params = [fmodule._stack(p.detach()).requires_grad_(p.requires_grad) for p in originals]
         else:
             # A copy on the tape: gradients flow back into p, and an in-place write in a
