@@ -52,13 +52,22 @@ _VMAP_LIMITS = (
 _ATTENTION = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerEncoder)
 
 
-def _unbatchable(module: nn.Module) -> bool:
-    """Whether ``module``'s forward cannot run under torch.vmap in current torch."""
+def _unbatchable(module: nn.Module) -> Optional[str]:
+    """Why ``module`` cannot run under torch.vmap in current torch, or None."""
     # lstm, gru, rnn_tanh and their cells have no batching rule ("Batching rule not
     # implemented"); BatchNorm with momentum=None averages with 1 / num_batches_tracked.item().
-    if isinstance(module, (nn.RNNBase, nn.RNNCellBase)):
-        return True
-    return isinstance(module, BatchNorm) and module.momentum is None and module.track_running_stats
+    name = type(module).__name__
+    if isinstance(module, (nn.RNNBase, nn.RNNCellBase)) or (
+        isinstance(module, BatchNorm) and module.momentum is None and module.track_running_stats
+    ):
+        return f"{name} has no vmap batching rule in torch {torch.__version__}"
+    # vmap's rule for the embedding gradient keeps padding_idx's row at zero only for the
+    # first task: every other task's padding row silently gets a gradient.
+    if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+        return (
+            f"{name} with padding_idx gets wrong gradients under vmap in torch {torch.__version__}"
+        )
+    return None
 
 
 def _loop_is_faster(module: nn.Module, device: Optional[torch.device]) -> Optional[str]:
@@ -219,16 +228,12 @@ class TaskBatch:
         # no threads to exclude.)
         self._lock = None if is_compiling() else threading.RLock()
         self._attention = any(isinstance(m, _ATTENTION) for m in module.modules())
-        self._first_vmap = True  # the first vmapped call keeps a copy of the buffers
-        unbatchable = sorted({type(m).__name__ for m in module.modules() if _unbatchable(m)})
+        unbatchable = sorted({r for r in map(_unbatchable, module.modules()) if r is not None})
         if device is None:
             device = next((t.device for t in (*module.parameters(), *module.buffers())), None)
         self.mode, self.reason = "vmap", None
         if unbatchable:
-            self._fall_back(
-                tuple(unbatchable),
-                f"{', '.join(unbatchable)} has no vmap batching rule in torch {torch.__version__}",
-            )
+            self._fall_back(tuple(unbatchable), "; ".join(unbatchable))
         elif not is_compiling():
             # Compiled code keeps vmap: Inductor fuses the batched graph, where the speed
             # measured above does not apply.
@@ -344,32 +349,23 @@ class TaskBatch:
             return self._vmap_or_loop(tree, fn, params, buffers, inputs)
 
     def _vmap_or_loop(self, tree, fn, params, buffers, inputs):
-        """vmap, or the loop for good if vmap meets one of its limits (first time only)."""
-        # A forward may update buffers in place (BatchNorm) before vmap gives up: the first
-        # vmapped call keeps their values to run again from; later calls check versions.
-        saved = [b.clone() for b in buffers] if self._first_vmap else None
-        versions = [b._version for b in buffers]
+        """vmap, or the loop for good if vmap meets one of its limits."""
+        # A forward may update buffers in place (BatchNorm's running statistics) before vmap
+        # gives up, and torch's kernels do not always bump the version counter when they do:
+        # keep their values, to run the call again from them. (Buffers are small next to a
+        # forward; leftover attributes are restored by _vmap itself.)
+        saved = [b.clone() for b in buffers]
         try:
-            out = self._vmap(tree, fn, params, buffers, inputs)
+            return self._vmap(tree, fn, params, buffers, inputs)
         except Exception as error:
             if not _is_vmap_limit(error):
                 raise
-            changed = [i for i, (b, v) in enumerate(zip(buffers, versions)) if b._version != v]
-            if changed and saved is None:
-                raise RuntimeError(
-                    f"torch.vmap cannot run this call ({error}), and the forward had already "
-                    f"updated buffers {[tree.buffer_names[i] for i in changed]} in place, so it "
-                    "cannot be run again in a loop over tasks. Make this kind of call first "
-                    "after patching, so that the patch switches to the loop before any update"
-                ) from error
             with torch.no_grad():
-                for i in changed:
-                    buffers[i].copy_(saved[i])
+                for buffer, value in zip(buffers, saved):
+                    buffer.copy_(value)
             first_line = str(error).strip().splitlines()[0]
             self._fall_back((type(error).__name__, first_line), f"torch.vmap: {first_line}")
-            return self._loop(tree, fn, params, buffers, inputs)
-        self._first_vmap = False
-        return out
+        return self._loop(tree, fn, params, buffers, inputs)
 
     def _vmap(self, tree, fn, params, buffers, inputs: _Inputs):
         passthrough: Dict[str, Any] = {}
