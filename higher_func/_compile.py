@@ -45,9 +45,11 @@ def compile(fn: Optional[Callable[..., Any]] = None, **compile_kwargs: Any) -> C
     Returns:
         The compiled function. Calls with new data of the same shapes reuse the compiled graph.
 
-    Inside the compiled function, patch with ``copy_initial_weights=False`` (MAML's setting):
-    the copies ``copy_initial_weights=True`` makes are new leaves requiring grad, and Dynamo
-    refuses to return anything computed from a ``requires_grad_()`` made inside the graph.
+    Recurrent modules (RNN/LSTM/GRU) compile with Dynamo's ``allow_rnn``, which this turns on
+    for the compiled call too. ``track_higher_grads=False`` and ``copy_initial_weights=True``
+    compile: the new leaves they make in eager code are made, while compiling, in a form
+    Dynamo can return (see ``new_leaf``). What does not compile is listed in
+    docs/compiling.md.
 
     Raises:
         RuntimeError: the installed torch cannot trace ``torch.autograd.grad`` (needs torch >=

@@ -658,14 +658,18 @@ def monkeypatch(
             differentiated through the whole unroll; if False only the latest are kept
             ("test mode").
         num_tasks: if given, run ``num_tasks`` independent copies at once: the fast weights
-            and buffers are stacked ``[num_tasks, *shape]`` and every call is vmapped over the
-            leading dim of its positional inputs (``in_dims=`` on a call marks inputs shared
-            by all tasks, as in ``torch.vmap``; tensors passed by keyword are refused, since
-            whether they are per task would be a guess). Each task's initial weights are a
-            copy made inside the graph, so meta-gradients of all tasks sum into ``module``'s
-            parameters. Modules without vmap batching rules (RNN/LSTM/GRU and their cells,
-            BatchNorm with ``momentum=None``) run a Python loop over the tasks instead, with a
-            one-time ``BatchingFallbackWarning``.
+            and buffers are stacked ``[num_tasks, *shape]`` and every call runs once per task
+            over the leading dim of its positional inputs. ``in_dims=`` on a call says
+            otherwise, as in ``torch.vmap``: an int or None (shared by all tasks) per
+            positional input, optionally followed by a dict for keyword inputs that hold
+            tensors, e.g. ``fmodel(x, mask=m, in_dims=(0, {"mask": None}))``; a keyword tensor
+            not named there is refused (whether it is per task would be a guess). Each task's
+            initial weights are a copy made inside the graph, so meta-gradients of all tasks
+            sum into ``module``'s parameters. The tasks run in one ``torch.vmap`` call, or in
+            a Python loop with the same results where vmap cannot run them (RNNs, BatchNorm
+            with ``momentum=None``, Embedding with ``padding_idx``, an op without a batching
+            rule met at the first call; with a one-time ``BatchingFallbackWarning``) or is
+            slower (convolutions with BatchNorm on a CPU). ``fmodel.batching`` says which.
         randomness: with ``num_tasks``, how random ops (dropout) draw across tasks, with
             ``torch.vmap``'s meanings: ``"different"`` (the default: each task its own mask,
             as a loop over tasks does), ``"same"`` or ``"error"``.

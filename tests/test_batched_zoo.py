@@ -385,3 +385,27 @@ def test_batched_mlp_inputs_still_checked():
     fmodel = higher_func.monkeypatch(mlp(), num_tasks=3)
     with pytest.raises(ValueError, match="num_tasks=3"):
         fmodel(mlp_tasks(2)[0][0])
+
+
+class _PythonBranch(nn.Module):
+    def __init__(self, item: bool) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.item = item
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x)
+        total = y.sum().item() if self.item else y.sum()
+        return 2 * y if total > 0 else y
+
+
+@pytest.mark.parametrize("item", [True, False], ids=["item", "tensor-branch"])
+def test_data_dependent_python_loops(item, fresh_warnings):
+    model = _PythonBranch(item).double()
+    fmodel = higher_func.monkeypatch(model, num_tasks=4)
+    xs = torch.randn(4, 5, 4, dtype=DTYPE)
+    with pytest.warns(BatchingFallbackWarning, match="vmap"):
+        out = fmodel(xs)
+    assert fmodel.batching == "loop"
+    for t in range(4):
+        assert_close(out[t], model(xs[t]), f"task {t}")
