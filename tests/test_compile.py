@@ -216,10 +216,18 @@ def test_eval_mode_of_a_patched_module_inside_a_compiled_function():
 # not trace in torch 2.13 ("SourcelessBuilder ... <class 'method'>").
 NOT_COMPILABLE = ("spectral_norm",)
 COMPILABLE = {n: f for n, f in {**ZOO, **VMAP_LIMITS}.items() if n not in NOT_COMPILABLE}
+# Compiled, the meta-gradient through an old-style autograd.Function's backward comes out
+# wrong in torch 2.13 (its double backward): it compiles for first-order and untracked loops.
+SECOND_ORDER_COMPILABLE = [n for n in COMPILABLE if n != "legacy_function"]
 # Forward-set state, tied weights, parameter containers and an LSTM run in the default suite;
 # the rest of the zoo in nox.
 _ZOO_FAST = {"ema_norm", "parameter_containers", "tied", "lstm"}
 _TTA_FAST = {"mlp", "lstm", "dict_output"}
+
+
+# Dynamo instantiates an old-style autograd.Function (legacy_function) while tracing it, and
+# torch warns about that instantiation itself.
+FUNCTION_INSTANCE = "ignore:.*should not be instantiated:DeprecationWarning"
 
 
 def _marked(names, fast):
@@ -227,7 +235,8 @@ def _marked(names, fast):
 
 
 @pytest.mark.filterwarnings("ignore:There is a performance drop")
-@pytest.mark.parametrize("name", _marked(COMPILABLE, _ZOO_FAST))
+@pytest.mark.filterwarnings(FUNCTION_INSTANCE)
+@pytest.mark.parametrize("name", _marked(SECOND_ORDER_COMPILABLE, _ZOO_FAST))
 def test_compiled_inner_loop_equals_eager_over_the_zoo(name):
     torch._dynamo.reset()
     case = COMPILABLE[name]()
@@ -260,6 +269,7 @@ def test_compiled_inner_loop_equals_eager_over_the_zoo(name):
 
 
 @pytest.mark.filterwarnings("ignore:There is a performance drop")
+@pytest.mark.filterwarnings(FUNCTION_INSTANCE)
 @pytest.mark.parametrize("name", _marked(COMPILABLE, _TTA_FAST))
 def test_compiled_test_time_adaptation_equals_eager_over_the_zoo(name):
     # track_higher_grads=False with higher's default copy_initial_weights=True: each step's
