@@ -121,7 +121,7 @@ def _is_vmap_limit(error: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def _attention_fastpath_off() -> Iterator[None]:
+def attention_fastpath_off() -> Iterator[None]:
     # torch.backends.mha's switch is process-wide: while it is off, other threads' attention
     # modules take their general path too (same results, not the fused kernel).
     before = torch.backends.mha.get_fastpath_enabled()
@@ -387,7 +387,9 @@ class TaskBatch:
             in_dims=(0, 0, inputs.mapped_dims, *inputs.arg_dims),
             randomness=self.randomness,
         )
-        fastpath = _attention_fastpath_off() if self._attention else contextlib.nullcontext()
+        # (Dynamo does not trace the switch: higher_func.compile turns it off around the call.)
+        flip = self._attention and not is_compiling()
+        fastpath = attention_fastpath_off() if flip else contextlib.nullcontext()
         try:
             with fastpath:
                 tensors, new_buffers = batched(params, buffers, inputs.mapped, *inputs.args)

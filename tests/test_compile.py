@@ -12,6 +12,7 @@ from zoo import (
     assert_trees_close,
     scalar_loss,
     snapshot,
+    tensors_in,
 )
 
 import higher_func
@@ -345,3 +346,35 @@ class _quiet:
 
     def __exit__(self, *exc):
         return False
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+@pytest.mark.parametrize(
+    "name", ["dict_output", pytest.param("transformer_eval", marks=pytest.mark.slow)]
+)
+def test_batched_vmap_limit_models_compile(name):
+    # Outputs that are not tensors leave vmap as they are; attention's fused kernel stays off.
+    torch._dynamo.reset()
+    case = VMAP_LIMITS[name]()
+    opt = torch.optim.SGD(case.model.parameters(), lr=0.05)
+    xs = torch.randn(2, *case.inputs[0].shape, dtype=torch.float64)
+
+    def meta_loss(xs):
+        with higher_func.innerloop_ctx(
+            case.model, opt, copy_initial_weights=False, num_tasks=2, first_order=True
+        ) as (fmodel, diffopt):
+            diffopt.step(scalar_losses(fmodel(xs)))
+            return scalar_losses(fmodel(xs)).mean()
+
+    eager = meta_loss(xs)
+    compiled = higher_func.compile(meta_loss, backend="aot_eager")(xs)
+    params = list(case.model.parameters())
+    expected = torch.autograd.grad(eager, params)
+    got = torch.autograd.grad(compiled, params)
+    assert_trees_close(got, expected, atol=1e-10, rtol=1e-7)
+    assert torch.backends.mha.get_fastpath_enabled()
+
+
+def scalar_losses(output):
+    """One loss per task of a batched output (its tensors, whatever else it holds)."""
+    return sum((t * t + torch.sin(t)).flatten(1).mean(1) for t in tensors_in(output))
