@@ -74,7 +74,7 @@ def innerloop_ctx(
             carry a leading task dim, ``diffopt.step(losses)`` takes one loss per task (shape
             ``[num_tasks]``), and the meta-gradients of all tasks sum into ``model``. Models
             vmap cannot run (or runs slower, on a CPU) loop over tasks instead, with the same
-            results (``fmodel.batching``; see ``monkeypatch``).
+            results (``higher_func.patch.batching(fmodel)``; see ``monkeypatch``).
         randomness: with ``num_tasks``, how random ops such as dropout draw across tasks
             (``torch.vmap``'s meanings): ``"different"`` (default, as a loop over tasks),
             ``"same"`` or ``"error"``.

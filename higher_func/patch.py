@@ -32,7 +32,19 @@ is only needed to refresh them; assigning a plain tensor to a parameter name of 
 from __future__ import annotations
 
 import inspect as _inspect
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterator,
+    List,
+    Mapping,
+    NamedTuple,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+)
 
 import torch as _torch
 from torch import nn as _nn
@@ -45,7 +57,7 @@ from ._tree import ModuleTree as _ModuleTree
 _Params = Union[Sequence[_torch.Tensor], Mapping[str, _torch.Tensor]]
 _EncapsulatorType = Optional[Callable[["_MonkeyPatchBase", _nn.Module], None]]
 
-__all__ = ["monkeypatch", "make_functional", "buffer_sync"]
+__all__ = ["monkeypatch", "make_functional", "buffer_sync", "batching", "Batching"]
 
 # nn.Module methods that would convert, move or overwrite the fast weights in place (turning
 # them into new leaves, cut off from the graph): refused on a patched module.
@@ -328,24 +340,6 @@ class _MonkeyPatchBase:
         """The number of tasks whose fast weights are stacked (``None``: not batched)."""
         return None if self._tasks is None else self._tasks.size
 
-    @property
-    def batching(self) -> Optional[str]:
-        """How the tasks of a batched patched module run: ``"vmap"`` (one vectorized call) or
-        ``"loop"`` (a Python loop over tasks, with the same results); ``None`` when not
-        batched.
-
-        The loop is chosen at patch time for modules without vmap batching rules (RNNs,
-        BatchNorm with ``momentum=None``) and, on a CPU, for convolutions with BatchNorm
-        (where it is faster); or at the first call that vmap cannot run. ``batching_reason``
-        says why.
-        """
-        return None if self._tasks is None else self._tasks.mode
-
-    @property
-    def batching_reason(self) -> Optional[str]:
-        """Why a batched patched module loops over its tasks (``None`` when it vmaps)."""
-        return None if self._tasks is None else self._tasks.reason
-
     def _stack_shape(self, shape: _torch.Size) -> _torch.Size:
         return shape if self._tasks is None else _torch.Size((self._tasks.size, *shape))
 
@@ -577,6 +571,36 @@ class _BatchedView:
         return f"PerTask({self._module!r})"
 
 
+class Batching(NamedTuple):
+    """How a batched patched module runs its tasks (see ``batching``)."""
+
+    mode: str  # "vmap" or "loop"
+    reason: Optional[str]  # why it loops; None when it vmaps
+
+
+def batching(fmodule: _MonkeyPatchBase) -> Optional[Batching]:
+    """How the tasks of a batched patched module run: one ``torch.vmap`` call, or a Python
+    loop over tasks (the same results); ``None`` when ``fmodule`` is not batched.
+
+    The loop is chosen at patch time for modules without vmap batching rules (RNNs,
+    BatchNorm with ``momentum=None``), for Embedding with ``padding_idx`` (whose vmapped
+    gradient is wrong in torch 2.13) and, on a CPU, for convolutions with BatchNorm (where it
+    is faster); or at the first call that vmap cannot run. A function, not an attribute of the
+    patched module, so that it never hides an attribute of the user's module.
+
+    Example:
+        >>> fmodel = monkeypatch(torch.nn.Linear(3, 1), num_tasks=4)
+        >>> batching(fmodel)
+        Batching(mode='vmap', reason=None)
+        >>> batching(monkeypatch(torch.nn.LSTM(3, 2), num_tasks=4)).mode  # doctest: +SKIP
+        'loop'
+    """
+    if not isinstance(fmodule, _MonkeyPatchBase):
+        raise TypeError(f"expected a patched module, got {type(fmodule).__name__}")
+    tasks = fmodule._tasks
+    return None if tasks is None else Batching(tasks.mode, tasks.reason)
+
+
 def _same_device(a: _torch.device, b: _torch.device) -> bool:
     # "cuda" (no index) stands for the current device: it matches any index of its type.
     return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
@@ -669,7 +693,7 @@ def monkeypatch(
             a Python loop with the same results where vmap cannot run them (RNNs, BatchNorm
             with ``momentum=None``, Embedding with ``padding_idx``, an op without a batching
             rule met at the first call; with a one-time ``BatchingFallbackWarning``) or is
-            slower (convolutions with BatchNorm on a CPU). ``fmodel.batching`` says which.
+            slower (convolutions with BatchNorm on a CPU). ``batching(fmodel)`` says which.
         randomness: with ``num_tasks``, how random ops (dropout) draw across tasks, with
             ``torch.vmap``'s meanings: ``"different"`` (the default: each task its own mask,
             as a loop over tasks does), ``"same"`` or ``"error"``.

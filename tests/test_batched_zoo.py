@@ -80,12 +80,12 @@ def test_the_choice_is_made_once_and_visible(name, monkeypatch):
     case = CASES[name]()
     fmodel = higher_func.monkeypatch(case.model, copy_initial_weights=False, num_tasks=2)
     expected = "loop" if name in LOOPED_AT_PATCH_TIME else "vmap"
-    assert fmodel.batching == expected
-    assert (fmodel.batching_reason is None) == (expected == "vmap")
+    assert higher_func.patch.batching(fmodel).mode == expected
+    assert (higher_func.patch.batching(fmodel).reason is None) == (expected == "vmap")
     xs = tasks_of(case.inputs, 2, 3)
     fmodel(*xs)
     expected = "loop" if name in LOOPED_AT_PATCH_TIME | SWITCH_AT_FIRST_CALL else "vmap"
-    assert fmodel.batching == expected
+    assert higher_func.patch.batching(fmodel).mode == expected
     # Decided for good: a looped patch never tries vmap again.
     attempts = []
     vmap = _batching.TaskBatch._vmap
@@ -101,7 +101,7 @@ def test_switching_warns_once_naming_the_reason(fresh_warnings):
     xs = tasks_of(case.inputs, 2, 3)
     with pytest.warns(BatchingFallbackWarning, match="Batching rule not implemented"):
         fmodel(*xs)
-    assert "Batching rule not implemented" in fmodel.batching_reason
+    assert "Batching rule not implemented" in higher_func.patch.batching(fmodel).reason
     fmodel(*xs)  # warnings are errors in this suite: the second call is silent
     higher_func.monkeypatch(case.model, num_tasks=2)(*xs)  # and so is a second patch
 
@@ -136,7 +136,7 @@ def test_a_user_error_is_not_a_batching_limit(fresh_warnings):
     fmodel = higher_func.monkeypatch(model, num_tasks=2)
     with pytest.raises(RuntimeError, match="size|shape"):
         fmodel(torch.randn(2, 5, 3, dtype=DTYPE))
-    assert fmodel.batching == "vmap"
+    assert higher_func.patch.batching(fmodel).mode == "vmap"
 
 
 class _LegacyOnRequest(nn.Module):
@@ -158,10 +158,10 @@ def test_a_vmap_limit_met_in_a_later_call_switches_then(fresh_warnings):
     single = higher_func.monkeypatch(model, copy_initial_weights=False)
     xs = torch.randn(2, 5, 4, dtype=DTYPE)
     fmodel(xs)
-    assert fmodel.batching == "vmap"
+    assert higher_func.patch.batching(fmodel).mode == "vmap"
     with pytest.warns(BatchingFallbackWarning, match="setup_context"):
         out = fmodel(xs, legacy=True)
-    assert fmodel.batching == "loop"
+    assert higher_func.patch.batching(fmodel).mode == "loop"
     stats = dict(fmodel.named_buffers())
     for t in range(2):
         single.update_params(list(model.parameters()))
@@ -179,10 +179,10 @@ def test_a_vmap_limit_met_in_a_later_call_switches_then(fresh_warnings):
 
 def test_conv_with_batchnorm_loops_on_cpu():
     fmodel = higher_func.monkeypatch(ZOO["conv_bn"]().model, num_tasks=2)
-    assert fmodel.batching == "loop"
-    assert "Conv2d with BatchNorm2d on a CPU" in fmodel.batching_reason
+    assert higher_func.patch.batching(fmodel).mode == "loop"
+    assert "Conv2d with BatchNorm2d on a CPU" in higher_func.patch.batching(fmodel).reason
     fmodel = higher_func.monkeypatch(ZOO["none_bias"]().model, num_tasks=2)  # no convolution
-    assert fmodel.batching == "vmap"
+    assert higher_func.patch.batching(fmodel).mode == "vmap"
 
 
 def test_conv_with_batchnorm_vmapped_equals_the_loop(monkeypatch):
@@ -221,7 +221,7 @@ def masked(request, monkeypatch, fresh_warnings):
             fmodel = higher_func.monkeypatch(model, copy_initial_weights=False, num_tasks=3)
     else:
         fmodel = higher_func.monkeypatch(model, copy_initial_weights=False, num_tasks=3)
-    assert fmodel.batching == request.param
+    assert higher_func.patch.batching(fmodel).mode == request.param
     stacked = [p.detach() + 0.1 * torch.randn(3, *p.shape, dtype=DTYPE) for p in model.parameters()]
     fmodel.update_params(stacked)
     return model, fmodel, stacked
@@ -288,7 +288,7 @@ def test_default_randomness_draws_each_task_its_own_mask(mode, monkeypatch, fres
         )
     with pytest.warns(BatchingFallbackWarning) if mode == "loop" else _no_warning():
         fmodel = higher_func.monkeypatch(model, num_tasks=8)
-    assert fmodel.batching == mode
+    assert higher_func.patch.batching(fmodel).mode == mode
     masks = _masks(fmodel, torch.ones(200, 4, dtype=DTYPE))
     rates = masks.double().flatten(1).mean(1)
     assert torch.allclose(rates, torch.full((8,), 0.5, dtype=DTYPE), atol=0.03)
@@ -406,6 +406,6 @@ def test_data_dependent_python_loops(item, fresh_warnings):
     xs = torch.randn(4, 5, 4, dtype=DTYPE)
     with pytest.warns(BatchingFallbackWarning, match="vmap"):
         out = fmodel(xs)
-    assert fmodel.batching == "loop"
+    assert higher_func.patch.batching(fmodel).mode == "loop"
     for t in range(4):
         assert_close(out[t], model(xs[t]), f"task {t}")
