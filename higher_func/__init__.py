@@ -19,6 +19,7 @@ import torch as _torch
 
 from . import optim, patch, utils
 from ._batching import BatchingFallbackWarning
+from ._compat import is_compiling as _is_compiling
 from ._compile import compile
 from .optim import create_diff_optim, get_diff_optim, register_optim
 from .patch import monkeypatch
@@ -71,7 +72,9 @@ def innerloop_ctx(
             stay on the tape.
         num_tasks: if given, ``num_tasks`` inner loops run as one vmapped computation: inputs
             carry a leading task dim, ``diffopt.step(losses)`` takes one loss per task (shape
-            ``[num_tasks]``), and the meta-gradients of all tasks sum into ``model``.
+            ``[num_tasks]``), and the meta-gradients of all tasks sum into ``model``. Models
+            vmap cannot run (or runs slower, on a CPU) loop over tasks instead, with the same
+            results (``higher_func.patch.batching(fmodel)``; see ``monkeypatch``).
         randomness: with ``num_tasks``, how random ops such as dropout draw across tasks
             (``torch.vmap``'s meanings): ``"different"`` (default, as a loop over tasks),
             ``"same"`` or ``"error"``.
@@ -107,14 +110,19 @@ def innerloop_ctx(
         num_tasks=num_tasks,
         randomness=randomness,
     )
+    # Under torch.compile, the optimizer's untracked steps would make each step's weights new
+    # leaves (detach().requires_grad_()), and Dynamo refuses to return anything computed from
+    # such a leaf. A first-order step computes the same values without create_graph; the
+    # untracked patch then cuts the graph after every step in a form Dynamo accepts.
+    untracked_compiled = not track_higher_grads and _is_compiling()
     diffopt = optim.get_diff_optim(
         opt,
         model.parameters(),
         fmodel=fmodel,
         device=device,
         override=override,
-        track_higher_grads=track_higher_grads,
-        first_order=first_order,
+        track_higher_grads=track_higher_grads or untracked_compiled,
+        first_order=first_order or untracked_compiled,
         num_tasks=num_tasks,
     )
     yield fmodel, diffopt

@@ -9,13 +9,20 @@ Between calls the patch's module copies hold the stacked tensors (so ``fmodel.fc
 ``[T, *shape]``); for the length of a call they hold one task's tensors, inside vmap or inside a
 loop over tasks. What the forward leaves on the copies (a reassigned buffer, ``self.last = h``)
 comes back out stacked, one entry per task.
+
+How a patch runs its tasks is decided once: at patch time from the module types (modules
+without batching rules, and convolutions with BatchNorm on a CPU, where the loop is faster),
+otherwise at the first call that vmap cannot run (a missing batching rule, an
+``autograd.Function`` without ``setup_context``, ``.item()`` in the forward): that call is run
+again in the loop, and so is every later call of the patch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -26,14 +33,62 @@ from ._tree import ModuleTree
 _warned: set = set()
 _RANDOMNESS = ("different", "same", "error")
 
+# Messages of the errors torch.vmap raises where a loop over tasks runs fine: a missing
+# batching rule, an autograd.Function written for plain autograd only, data-dependent Python
+# (``.item()``, ``if tensor:``), outputs of data-dependent shape, an in-place write into a
+# tensor that is not per task. Any other error is the user's and surfaces as it is.
+_VMAP_LIMITS = (
+    "Batching rule not implemented",
+    "autograd.Function with functorch transforms",
+    "vmap: It looks like you're calling .item()",
+    "data-dependent control flow",
+    "vmap: We do not support batching operators that can output dynamic shape",
+    "vmap: inplace arithmetic",
+)
 
-def _unbatchable(module: nn.Module) -> bool:
-    """Whether ``module``'s forward cannot run under torch.vmap in current torch."""
+# Modules whose forward takes a fused inference-only kernel when no weight seems to require
+# grad: inside vmap the per-task weights never do, and the step then fails with "derivative
+# for aten::_transformer_encoder_layer_fwd is not implemented".
+_ATTENTION = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerEncoder)
+
+
+def _unbatchable(module: nn.Module) -> Optional[str]:
+    """Why ``module`` cannot run under torch.vmap in current torch, or None."""
     # lstm, gru, rnn_tanh and their cells have no batching rule ("Batching rule not
     # implemented"); BatchNorm with momentum=None averages with 1 / num_batches_tracked.item().
-    if isinstance(module, (nn.RNNBase, nn.RNNCellBase)):
-        return True
-    return isinstance(module, BatchNorm) and module.momentum is None and module.track_running_stats
+    name = type(module).__name__
+    if isinstance(module, (nn.RNNBase, nn.RNNCellBase)) or (
+        isinstance(module, BatchNorm) and module.momentum is None and module.track_running_stats
+    ):
+        return f"{name} has no vmap batching rule in torch {torch.__version__}"
+    # vmap's rule for the embedding gradient keeps padding_idx's row at zero only for the
+    # first task: every other task's padding row silently gets a gradient.
+    if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+        return (
+            f"{name} with padding_idx gets wrong gradients under vmap in torch {torch.__version__}"
+        )
+    return None
+
+
+def _loop_is_faster(module: nn.Module, device: Optional[torch.device]) -> Optional[str]:
+    """Why a loop over tasks beats vmap for ``module`` on ``device``, or None.
+
+    On a CPU, vmap turns a convolution over stacked weights into one grouped convolution, and
+    BatchNorm over stacked statistics into reshapes around it; with both, the vmapped
+    meta-step of benchmark W2 (conv4 + BatchNorm2d, 8 tasks) ran 0.76-0.83x higher's speed and
+    the loop 0.94-1.22x (1 and 2 threads, docs/batching.md).
+    """
+    if device is None or device.type != "cpu":
+        return None
+    kinds = list(module.modules())
+    conv = next((m for m in kinds if isinstance(m, nn.modules.conv._ConvNd)), None)
+    norm = next((m for m in kinds if isinstance(m, BatchNorm)), None)
+    if conv is None or norm is None:
+        return None
+    return (
+        f"{type(conv).__name__} with {type(norm).__name__} on a CPU: a loop over tasks is "
+        "faster than vmap there"
+    )
 
 
 def check_num_tasks(num_tasks: Any) -> int:
@@ -56,6 +111,25 @@ def _warn_once(key: Tuple[str, ...], message: str) -> None:
     if key not in _warned:
         _warned.add(key)
         warnings.warn(message, BatchingFallbackWarning, stacklevel=5)
+
+
+def _is_vmap_limit(error: BaseException) -> bool:
+    if not isinstance(error, (RuntimeError, NotImplementedError)):
+        return False
+    message = str(error)
+    return any(limit in message for limit in _VMAP_LIMITS)
+
+
+@contextlib.contextmanager
+def attention_fastpath_off() -> Iterator[None]:
+    # torch.backends.mha's switch is process-wide: while it is off, other threads' attention
+    # modules take their general path too (same results, not the fused kernel).
+    before = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
 
 
 _MISSING = object()
@@ -103,70 +177,142 @@ def _split_tensors(tree: Any) -> Tuple[List[torch.Tensor], Callable[[List[Any]],
     return [leaves[i] for i in where], rebuild
 
 
-class TaskBatch:
-    """How a patched module runs ``size`` tasks: vmapped, or looped when vmap cannot."""
+def _has_tensor(value: Any) -> bool:
+    return any(isinstance(leaf, torch.Tensor) for leaf in pytree.tree_leaves(value))
 
-    def __init__(self, size: int, module: nn.Module, randomness: str = "different") -> None:
+
+class _Inputs:
+    """A call's inputs split by task: positional and keyword, each mapped along a dim or
+    shared by all tasks."""
+
+    def __init__(
+        self,
+        args: tuple,
+        arg_dims: Tuple[Optional[int], ...],
+        kwargs: dict,
+        kwarg_dims: Dict[str, Optional[int]],
+    ) -> None:
+        self.args, self.arg_dims = args, arg_dims
+        self.mapped = {k: v for k, v in kwargs.items() if kwarg_dims.get(k) is not None}
+        self.mapped_dims = {k: kwarg_dims[k] for k in self.mapped}
+        self.shared = {k: v for k, v in kwargs.items() if k not in self.mapped}
+
+    def of_task(self, t: int) -> Tuple[tuple, dict]:
+        def select(value: Any, dim: Optional[int]) -> Any:
+            if dim is None:
+                return value
+            return pytree.tree_map(
+                lambda x: x.select(dim, t) if isinstance(x, torch.Tensor) else x, value
+            )
+
+        args = tuple(select(a, d) for a, d in zip(self.args, self.arg_dims))
+        mapped = {k: select(v, self.mapped_dims[k]) for k, v in self.mapped.items()}
+        return args, {**self.shared, **mapped}
+
+
+class TaskBatch:
+    """How a patched module runs ``size`` tasks: vmapped, or looped where vmap cannot run
+    them or is slower."""
+
+    def __init__(
+        self,
+        size: int,
+        module: nn.Module,
+        randomness: str = "different",
+        device: Optional[torch.device] = None,
+    ) -> None:
         self.size = check_num_tasks(size)
         self.randomness = check_randomness(randomness)
         # Calls lend one task's tensors into the patch's copies: two threads calling the same
         # batched patched module take turns. (Dynamo cannot build a lock; compiled code has
         # no threads to exclude.)
         self._lock = None if is_compiling() else threading.RLock()
-        unbatchable = sorted({type(m).__name__ for m in module.modules() if _unbatchable(m)})
-        self.loop = bool(unbatchable)
-        if self.loop:
-            _warn_once(
-                tuple(unbatchable),
-                f"{', '.join(unbatchable)} has no vmap batching rule in torch "
-                f"{torch.__version__}: num_tasks runs the tasks in a Python loop (correct, "
-                "but without the speed of vmap)",
-            )
+        self._attention = any(isinstance(m, _ATTENTION) for m in module.modules())
+        unbatchable = sorted({r for r in map(_unbatchable, module.modules()) if r is not None})
+        if device is None:
+            device = next((t.device for t in (*module.parameters(), *module.buffers())), None)
+        self.mode, self.reason = "vmap", None
+        if unbatchable:
+            self._fall_back(tuple(unbatchable), "; ".join(unbatchable))
+        elif not is_compiling():
+            # Compiled code keeps vmap: Inductor fuses the batched graph, where the speed
+            # measured above does not apply.
+            faster = _loop_is_faster(module, device)
+            if faster is not None:
+                self.mode, self.reason = "loop", faster
+
+    def _fall_back(self, key: Tuple[str, ...], reason: str) -> None:
+        self.mode, self.reason = "loop", reason
+        _warn_once(
+            key,
+            f"{reason}: num_tasks runs the tasks in a Python loop (the same results, without "
+            "the speed of vmap)",
+        )
 
     def stack(self, tensor: torch.Tensor) -> torch.Tensor:
         """A real copy of ``tensor`` per task (in-place updates must not alias)."""
         return tensor.expand(self.size, *tensor.shape).clone()
 
-    def in_dims(self, args: tuple, kwargs: dict, device: torch.device) -> Tuple[Optional[int], ...]:
+    def _check_mapped(self, what: str, value: Any, dim: Any, device: Any) -> None:
+        if isinstance(dim, bool) or not isinstance(dim, int):
+            raise TypeError(f"in_dims for {what} must be an int or None, got {dim!r}")
+        for leaf in pytree.tree_leaves(value):
+            if not isinstance(leaf, torch.Tensor):
+                continue
+            if not -leaf.dim() <= dim < leaf.dim() or leaf.shape[dim] != self.size:
+                raise ValueError(
+                    f"{what} has shape {tuple(leaf.shape)}: a batched patched module expects "
+                    f"num_tasks={self.size} along dim {dim} (mark inputs shared by all tasks "
+                    "with None in in_dims)"
+                )
+            if device is not None and leaf.device.type != device.type:
+                raise ValueError(f"{what} is on {leaf.device} but the fast weights are on {device}")
+
+    def inputs(self, args: tuple, kwargs: dict, device: Optional[torch.device]) -> _Inputs:
         """Pop the ``in_dims=`` call option and check every mapped input has ``size`` tasks
         and lives on the weights' ``device`` (vmap over mixed devices can silently return
-        garbage)."""
+        garbage).
+
+        ``in_dims`` is an int or None for every positional input, or a tuple with one entry
+        per positional input, optionally followed by a dict ``{keyword: int or None}`` for the
+        keyword inputs that hold tensors. A keyword tensor must be named there: whether it is
+        per task or shared is never guessed.
+        """
         in_dims = kwargs.pop("in_dims", 0)
+        kwarg_dims: Dict[str, Any] = {}
         if in_dims is None or isinstance(in_dims, int):
             in_dims = (in_dims,) * len(args)
         if not isinstance(in_dims, (tuple, list)):
-            raise TypeError(f"in_dims must be an int, None or a tuple of them, got {in_dims!r}")
+            raise TypeError(
+                "in_dims must be an int, None, or a tuple of them (one per positional input) "
+                f"optionally ending with a dict for keyword inputs; got {in_dims!r}"
+            )
         in_dims = tuple(in_dims)
+        if len(in_dims) == len(args) + 1 and isinstance(in_dims[-1], Mapping):
+            kwarg_dims, in_dims = dict(in_dims[-1]), in_dims[:-1]
         if len(in_dims) != len(args):
             raise ValueError(
-                f"in_dims has {len(in_dims)} entries for {len(args)} positional inputs"
+                f"in_dims has {len(in_dims)} entries for {len(args)} positional inputs (keyword "
+                "inputs go in a dict at its end: in_dims=(0, {'mask': None}))"
             )
         for position, (arg, dim) in enumerate(zip(args, in_dims)):
-            if dim is None:
-                continue
-            if isinstance(dim, bool) or not isinstance(dim, int):
-                raise TypeError(f"in_dims[{position}] must be an int or None, got {dim!r}")
-            for leaf in pytree.tree_leaves(arg):
-                if not isinstance(leaf, torch.Tensor):
-                    continue
-                if not -leaf.dim() <= dim < leaf.dim() or leaf.shape[dim] != self.size:
-                    raise ValueError(
-                        f"input {position} has shape {tuple(leaf.shape)}: a batched patched "
-                        f"module expects num_tasks={self.size} along dim {dim} (mark inputs "
-                        "shared by all tasks with in_dims=None for that position)"
-                    )
-                if device is not None and leaf.device.type != device.type:
-                    raise ValueError(
-                        f"input {position} is on {leaf.device} but the fast weights are on {device}"
-                    )
+            if dim is not None:
+                self._check_mapped(f"input {position}", arg, dim, device)
+        unknown = sorted(k for k in kwarg_dims if k not in kwargs)
+        if unknown:
+            raise ValueError(f"in_dims names keyword inputs {unknown} that the call does not pass")
         for key, value in kwargs.items():
-            if any(isinstance(leaf, torch.Tensor) for leaf in pytree.tree_leaves(value)):
-                raise TypeError(
-                    f"keyword argument {key}= holds a tensor: a batched patched module maps "
-                    "positional inputs over tasks (see in_dims=) and cannot tell whether a "
-                    "keyword tensor is per task or shared; pass it positionally"
-                )
-        return in_dims
+            if key not in kwarg_dims:
+                if _has_tensor(value):
+                    raise TypeError(
+                        f"keyword input {key}= holds a tensor: say whether it is per task or "
+                        f"shared by all tasks, with in_dims=(..., {{{key!r}: 0}}) (its dim 0 is "
+                        f"the task) or in_dims=(..., {{{key!r}: None}}) (shared), after one "
+                        "entry per positional input"
+                    )
+            elif kwarg_dims[key] is not None:
+                self._check_mapped(f"keyword input {key}=", value, kwarg_dims[key], device)
+        return _Inputs(args, in_dims, kwargs, kwarg_dims)
 
     def call(
         self,
@@ -184,7 +330,7 @@ class TaskBatch:
         hold them again afterwards, also when ``fn`` raises.
         """
         device = next((t.device for t in (*params, *buffers)), None)
-        in_dims = self.in_dims(args, kwargs, device)
+        inputs = self.inputs(args, kwargs, device)
         # vmap drops autocast for some ops (F.linear with a bias in torch 2.13): loop instead.
         autocast = device is not None and torch.is_autocast_enabled(device.type)
         if autocast:
@@ -193,20 +339,42 @@ class TaskBatch:
                 "torch.autocast does not reach every op under torch.vmap: with autocast on, "
                 "num_tasks runs the tasks in a Python loop",
             )
-        run = self._loop if self.loop or autocast else self._vmap
         if compiling or self._lock is None:
-            return run(tree, fn, params, buffers, args, in_dims, kwargs)
+            if self.mode == "loop" or autocast:
+                return self._loop(tree, fn, params, buffers, inputs)
+            return self._vmap(tree, fn, params, buffers, inputs)
         with self._lock:
-            return run(tree, fn, params, buffers, args, in_dims, kwargs)
+            if self.mode == "loop" or autocast:
+                return self._loop(tree, fn, params, buffers, inputs)
+            return self._vmap_or_loop(tree, fn, params, buffers, inputs)
 
-    def _vmap(self, tree, fn, params, buffers, args, in_dims, kwargs):
+    def _vmap_or_loop(self, tree, fn, params, buffers, inputs):
+        """vmap, or the loop for good if vmap meets one of its limits."""
+        # A forward may update buffers in place (BatchNorm's running statistics) before vmap
+        # gives up, and torch's kernels do not always bump the version counter when they do:
+        # keep their values, to run the call again from them. (Buffers are small next to a
+        # forward; leftover attributes are restored by _vmap itself.)
+        saved = [b.clone() for b in buffers]
+        try:
+            return self._vmap(tree, fn, params, buffers, inputs)
+        except Exception as error:
+            if not _is_vmap_limit(error):
+                raise
+            with torch.no_grad():
+                for buffer, value in zip(buffers, saved):
+                    buffer.copy_(value)
+            first_line = str(error).strip().splitlines()[0]
+            self._fall_back((type(error).__name__, first_line), f"torch.vmap: {first_line}")
+        return self._loop(tree, fn, params, buffers, inputs)
+
+    def _vmap(self, tree, fn, params, buffers, inputs: _Inputs):
         passthrough: Dict[str, Any] = {}
 
-        def one_task(task_params, task_buffers, *task_args):
+        def one_task(task_params, task_buffers, task_kwargs, *task_args):
             tree.write_params(task_params)
             tree.write_buffers(task_buffers)
             leftovers = _Leftovers(tree)
-            out = fn(*task_args, **kwargs)
+            out = fn(*task_args, **inputs.shared, **task_kwargs)
             changed = leftovers.changed()
             # Outputs and attributes that are not tensors (None, ints) cannot leave vmap;
             # they are the same for every task, so the trace's own values are kept.
@@ -214,10 +382,17 @@ class TaskBatch:
             passthrough.update(rebuild=rebuild, changed=changed, leftovers=leftovers)
             return tensors, tree.read_buffers()
 
+        batched = torch.vmap(
+            one_task,
+            in_dims=(0, 0, inputs.mapped_dims, *inputs.arg_dims),
+            randomness=self.randomness,
+        )
+        # (Dynamo does not trace the switch: higher_func.compile turns it off around the call.)
+        flip = self._attention and not is_compiling()
+        fastpath = attention_fastpath_off() if flip else contextlib.nullcontext()
         try:
-            tensors, new_buffers = torch.vmap(
-                one_task, in_dims=(0, 0, *in_dims), randomness=self.randomness
-            )(params, buffers, *args)
+            with fastpath:
+                tensors, new_buffers = batched(params, buffers, inputs.mapped, *inputs.args)
         finally:
             if "leftovers" in passthrough:
                 passthrough["leftovers"].restore()
@@ -230,24 +405,19 @@ class TaskBatch:
         tree.write_buffers(new_buffers)
         return out, new_buffers
 
-    def _loop(self, tree, fn, params, buffers, args, in_dims, kwargs):
-        def task_slice(arg, dim, t):
-            if dim is None:
-                return arg
-            return pytree.tree_map(
-                lambda x: x.select(dim, t) if isinstance(x, torch.Tensor) else x, arg
-            )
-
+    def _loop(self, tree, fn, params, buffers, inputs: _Inputs):
         outs, per_task_buffers, per_task_changed = [], [], []
         reassigned = [False] * len(buffers)
+        rng = _Randomness(self.randomness, buffers[0].device if buffers else None)
         try:
             for t in range(self.size):
                 views = [b[t] for b in buffers]  # in-place updates (BatchNorm) land in the stack
                 tree.write_params([p[t] for p in params])
                 tree.write_buffers(views)
                 leftovers = _Leftovers(tree)
-                task_args = tuple(task_slice(arg, dim, t) for arg, dim in zip(args, in_dims))
-                outs.append(fn(*task_args, **kwargs))
+                task_args, task_kwargs = inputs.of_task(t)
+                with rng.task():
+                    outs.append(fn(*task_args, **task_kwargs))
                 own = tree.read_buffers()
                 reassigned = [r or o is not v for r, o, v in zip(reassigned, own, views)]
                 per_task_buffers.append(own)
@@ -265,6 +435,39 @@ class TaskBatch:
             holder[key] = _stack_tasks([value for _, _, value in entries])
         tree.write_buffers(stacked)
         return _stack_tasks(outs), stacked
+
+
+class _Randomness:
+    """vmap's ``randomness=`` for the loop over tasks: ``"different"`` draws on (each task
+    continues the generator), ``"same"`` starts every task from the same generator state,
+    ``"error"`` refuses a task that draws."""
+
+    def __init__(self, randomness: str, device: Optional[torch.device]) -> None:
+        self.randomness = randomness
+        self._cuda = device is not None and device.type == "cuda"
+        self._start = self._state() if randomness != "different" else None
+
+    def _state(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        return torch.get_rng_state(), torch.cuda.get_rng_state() if self._cuda else None
+
+    @contextlib.contextmanager
+    def task(self) -> Iterator[None]:
+        if self.randomness == "same":
+            cpu, cuda = self._start
+            torch.set_rng_state(cpu)
+            if cuda is not None:
+                torch.cuda.set_rng_state(cuda)
+        yield
+        if self.randomness == "error":
+            now = self._state()
+            if not all(
+                (a is None and b is None) or torch.equal(a, b) for a, b in zip(now, self._start)
+            ):
+                raise RuntimeError(
+                    "a random operation ran in a batched patched module created with "
+                    "randomness='error' (use 'different' for each task its own draws, or "
+                    "'same' for one draw shared by all tasks)"
+                )
 
 
 def _stack_tasks(per_task: List[Any]) -> Any:

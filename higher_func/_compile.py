@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any, Callable, Optional
 
 import torch
 
 from . import _compat
+from ._batching import attention_fastpath_off
+
+# A zero that requires grad, made outside any compiled region. Weights that eager code makes
+# into new leaves (``detach().requires_grad_()``: the copies of copy_initial_weights=True, and
+# every step of track_higher_grads=False) are made as ``detach() + _ZERO`` while compiling:
+# the same values, and gradients with respect to them work, but Dynamo sees a tensor derived
+# from an input of the graph, which it may return, instead of a leaf created inside the graph,
+# which it may not ("returning intermediate with requires_grad_()"). A gradient that would
+# have reached those leaves reaches this zero instead, where nobody reads it.
+_ZERO = torch.zeros((), requires_grad=True)
+
+
+def new_leaf(tensor: torch.Tensor, requires_grad: bool) -> torch.Tensor:
+    """``tensor.detach().requires_grad_(requires_grad)``, in a form Dynamo can return."""
+    if not requires_grad:
+        return tensor.detach()
+    return tensor.detach() + _ZERO.to(tensor.dtype)
 
 
 def compile(fn: Optional[Callable[..., Any]] = None, **compile_kwargs: Any) -> Callable[..., Any]:
@@ -28,9 +46,11 @@ def compile(fn: Optional[Callable[..., Any]] = None, **compile_kwargs: Any) -> C
     Returns:
         The compiled function. Calls with new data of the same shapes reuse the compiled graph.
 
-    Inside the compiled function, patch with ``copy_initial_weights=False`` (MAML's setting):
-    the copies ``copy_initial_weights=True`` makes are new leaves requiring grad, and Dynamo
-    refuses to return anything computed from a ``requires_grad_()`` made inside the graph.
+    Recurrent modules (RNN/LSTM/GRU) compile with Dynamo's ``allow_rnn``, which this turns on
+    for the compiled call too. ``track_higher_grads=False`` and ``copy_initial_weights=True``
+    compile: the new leaves they make in eager code are made, while compiling, in a form
+    Dynamo can return (see ``new_leaf``). What does not compile is listed in
+    docs/compiling.md.
 
     Raises:
         RuntimeError: the installed torch cannot trace ``torch.autograd.grad`` (needs torch >=
@@ -70,7 +90,19 @@ def compile(fn: Optional[Callable[..., Any]] = None, **compile_kwargs: Any) -> C
 
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
-        with _compat.tracing_autograd():
+        # The attention fast path is off for the whole compiled call: batched patches turn
+        # it off around each vmapped call in eager code (see _batching), which Dynamo does not
+        # trace.
+        with _compat.tracing_autograd(), _tracing_rnns(), attention_fastpath_off():
             return compiled(*args, **kwargs)
 
     return run
+
+
+def _tracing_rnns() -> contextlib.AbstractContextManager[Any]:
+    # Dynamo refuses nn.RNN/GRU/LSTM ("Attempted to wrap RNN, GRU, or LSTM") unless this
+    # option is on; with it, it traces their forward op by op. The zoo's recurrent models
+    # compile with it and match eager (tests/test_compile.py).
+    if hasattr(torch._dynamo.config, "allow_rnn"):
+        return torch._dynamo.config.patch(allow_rnn=True)
+    return contextlib.nullcontext()

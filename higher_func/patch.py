@@ -32,11 +32,24 @@ is only needed to refresh them; assigning a plain tensor to a parameter name of 
 from __future__ import annotations
 
 import inspect as _inspect
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterator,
+    List,
+    Mapping,
+    NamedTuple,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+)
 
 import torch as _torch
 from torch import nn as _nn
 
+from . import _compile
 from ._batching import TaskBatch as _TaskBatch
 from ._checks import KeyErrorSentence, check_bool, check_task, same_device
 from ._compat import is_compiling as _is_compiling
@@ -45,7 +58,7 @@ from ._tree import ModuleTree as _ModuleTree
 _Params = Union[Sequence[_torch.Tensor], Mapping[str, _torch.Tensor]]
 _EncapsulatorType = Optional[Callable[["_MonkeyPatchBase", _nn.Module], None]]
 
-__all__ = ["monkeypatch", "make_functional", "buffer_sync"]
+__all__ = ["monkeypatch", "make_functional", "buffer_sync", "batching", "Batching"]
 
 # nn.Module methods that would convert, move or overwrite the fast weights in place (turning
 # them into new leaves, cut off from the graph): refused on a patched module.
@@ -79,13 +92,15 @@ class _MonkeyPatchBase:
         state["_module"] = module
         state["_tree"] = tree
         state["_compiling"] = compiling
-        state["_tasks"] = None if num_tasks is None else _TaskBatch(num_tasks, module, randomness)
+        device = None if device is None else _torch.device(device)
+        tasks = None if num_tasks is None else _TaskBatch(num_tasks, module, randomness, device)
+        state["_tasks"] = tasks
         state["_index"] = tree.param_index
         state["_shapes"] = [self._stack_shape(p.shape) for p in tree.params]
         # As patched: converting the module afterwards (model.double()) changes its Parameters
         # in place, not the patch's fast weights or buffers.
         state["_kinds"] = [(p.dtype, p.device) for p in tree.params]
-        state["_device"] = None if device is None else _torch.device(device)
+        state["_device"] = device
         state["_fast_params"] = None
         state["_track_higher_grads"] = True
         buffers = [self._stack(b.detach()) for b in tree.buffers]
@@ -352,6 +367,10 @@ class _MonkeyPatchBase:
 
     def _record(self, params: List[_torch.Tensor]) -> None:
         """Make checked ``params`` current: into the history and the copies' slots."""
+        if self._compiling and not self._track_higher_grads:
+            # The optimizer made new leaves (detach().requires_grad_()), which Dynamo refuses
+            # to return anything computed from: the same values in a form it can return.
+            params = [_compile.new_leaf(p, p.requires_grad) for p in params]
         if self._fast_params is None or not self._track_higher_grads:
             self.__dict__["_fast_params"] = [params]
         else:
@@ -574,6 +593,36 @@ class _BatchedView:
         return f"PerTask({self._module!r})"
 
 
+class Batching(NamedTuple):
+    """How a batched patched module runs its tasks (see ``batching``)."""
+
+    mode: str  # "vmap" or "loop"
+    reason: Optional[str]  # why it loops; None when it vmaps
+
+
+def batching(fmodule: _MonkeyPatchBase) -> Optional[Batching]:
+    """How the tasks of a batched patched module run: one ``torch.vmap`` call, or a Python
+    loop over tasks (the same results); ``None`` when ``fmodule`` is not batched.
+
+    The loop is chosen at patch time for modules without vmap batching rules (RNNs,
+    BatchNorm with ``momentum=None``), for Embedding with ``padding_idx`` (whose vmapped
+    gradient is wrong in torch 2.13) and, on a CPU, for convolutions with BatchNorm (where it
+    is faster); or at the first call that vmap cannot run. A function, not an attribute of the
+    patched module, so that it never hides an attribute of the user's module.
+
+    Example:
+        >>> fmodel = monkeypatch(torch.nn.Linear(3, 1), num_tasks=4)
+        >>> batching(fmodel)
+        Batching(mode='vmap', reason=None)
+        >>> batching(monkeypatch(torch.nn.LSTM(3, 2), num_tasks=4)).mode  # doctest: +SKIP
+        'loop'
+    """
+    if not isinstance(fmodule, _MonkeyPatchBase):
+        raise TypeError(f"expected a patched module, got {type(fmodule).__name__}")
+    tasks = fmodule._tasks
+    return None if tasks is None else Batching(tasks.mode, tasks.reason)
+
+
 def make_functional(
     module: _nn.Module,
     encapsulator: _EncapsulatorType = None,
@@ -655,14 +704,18 @@ def monkeypatch(
             differentiated through the whole unroll; if False only the latest are kept
             ("test mode").
         num_tasks: if given, run ``num_tasks`` independent copies at once: the fast weights
-            and buffers are stacked ``[num_tasks, *shape]`` and every call is vmapped over the
-            leading dim of its positional inputs (``in_dims=`` on a call marks inputs shared
-            by all tasks, as in ``torch.vmap``; tensors passed by keyword are refused, since
-            whether they are per task would be a guess). Each task's initial weights are a
-            copy made inside the graph, so meta-gradients of all tasks sum into ``module``'s
-            parameters. Modules without vmap batching rules (RNN/LSTM/GRU and their cells,
-            BatchNorm with ``momentum=None``) run a Python loop over the tasks instead, with a
-            one-time ``BatchingFallbackWarning``.
+            and buffers are stacked ``[num_tasks, *shape]`` and every call runs once per task
+            over the leading dim of its positional inputs. ``in_dims=`` on a call says
+            otherwise, as in ``torch.vmap``: an int or None (shared by all tasks) per
+            positional input, optionally followed by a dict for keyword inputs that hold
+            tensors, e.g. ``fmodel(x, mask=m, in_dims=(0, {"mask": None}))``; a keyword tensor
+            not named there is refused (whether it is per task would be a guess). Each task's
+            initial weights are a copy made inside the graph, so meta-gradients of all tasks
+            sum into ``module``'s parameters. The tasks run in one ``torch.vmap`` call, or in
+            a Python loop with the same results where vmap cannot run them (RNNs, BatchNorm
+            with ``momentum=None``, Embedding with ``padding_idx``, an op without a batching
+            rule met at the first call; with a one-time ``BatchingFallbackWarning``) or is
+            slower (convolutions with BatchNorm on a CPU). ``batching(fmodel)`` says which.
         randomness: with ``num_tasks``, how random ops (dropout) draw across tasks, with
             ``torch.vmap``'s meanings: ``"different"`` (the default: each task its own mask,
             as a loop over tasks does), ``"same"`` or ``"error"``.
@@ -684,7 +737,9 @@ def monkeypatch(
 
     def encapsulator(fmodule: _MonkeyPatchBase, module: _nn.Module) -> None:
         originals = fmodule._tree.params
-        if copy_initial_weights:
+        if copy_initial_weights and fmodule._compiling:
+            params = [_compile.new_leaf(fmodule._stack(p), p.requires_grad) for p in originals]
+        elif copy_initial_weights:
             params = [fmodule._stack(p.detach()).requires_grad_(p.requires_grad) for p in originals]
         else:
             # A copy on the tape: gradients flow back into p, and an in-place write in a

@@ -132,11 +132,17 @@ def run_batched(
     query: tuple,
     steps: int,
     override: dict | None = None,
+    first_order: bool = False,
 ) -> Outcome:
     num_tasks = support[0].shape[0]
     _clear_grads(model)
     with higher_func.innerloop_ctx(
-        model, opt, copy_initial_weights=False, override=override, num_tasks=num_tasks
+        model,
+        opt,
+        copy_initial_weights=False,
+        override=override,
+        num_tasks=num_tasks,
+        first_order=first_order,
     ) as (fmodel, diffopt):
         for _ in range(steps):
             diffopt.step(losses_of(fmodel(*support)))
@@ -157,13 +163,14 @@ def run_looped(
     query: tuple,
     steps: int,
     override_of: Callable[[int], dict | None] = lambda t: None,
+    first_order: bool = False,
 ) -> Outcome:
     num_tasks = support[0].shape[0]
     _clear_grads(model)
     losses, weights, buffers, eval_outputs = [], [], [], []
     for t in range(num_tasks):
         with higher_func.innerloop_ctx(
-            model, opt, copy_initial_weights=False, override=override_of(t)
+            model, opt, copy_initial_weights=False, override=override_of(t), first_order=first_order
         ) as (fmodel, diffopt):
             for _ in range(steps):
                 diffopt.step(loss_of(fmodel(*task(support, t))))

@@ -209,6 +209,64 @@ class FlatParameters(nn.Module):
         return self.head(x + 2 * self.shift)
 
 
+class SelfAttention(nn.Module):
+    """Multi-head self-attention called with ``need_weights=False``: the output is ``(out,
+    None)``, a tuple with a leaf that is not a tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> tuple:
+        return self.attention(x, x, x, need_weights=False)
+
+
+class DictOutput(nn.Module):
+    """An output dict mixing tensors with ints, None and a ``torch.device`` (read from a
+    property), nested in a tuple."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    @property
+    def device(self) -> torch.device:
+        return self.fc.weight.device
+
+    def forward(self, x: torch.Tensor) -> dict:
+        h = self.fc(x)
+        return {"logits": h, "count": 3, "extra": (None, torch.tanh(h)), "device": self.device}
+
+
+class _DoubleFunction(torch.autograd.Function):
+    """An autograd.Function in the old style (``forward(ctx, ...)``, no ``setup_context``),
+    which torch.func transforms refuse."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return 2 * x + x * x
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return grad * (2 + 2 * x)
+
+
+class LegacyFunctionAfterBatchNorm(nn.Module):
+    """BatchNorm updates its running statistics in place, then an old-style autograd.Function
+    runs: a vmap attempt fails after the statistics were updated."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 6, bias=False)
+        self.norm = nn.BatchNorm1d(6)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(_DoubleFunction.apply(torch.tanh(self.norm(self.fc(x)))))
+
+
 # ---------------------------------------------------------------------------------------------
 # Factories.
 # ---------------------------------------------------------------------------------------------
@@ -365,6 +423,49 @@ def _flat_parameters(dtype):
     return Case("", twin, case.inputs, case.bad_inputs)
 
 
+def _transformer_eval(dtype):
+    # Eval mode: torch takes its fused inference kernel when no weight seems to require grad,
+    # which is what the per-task weights look like inside vmap.
+    model = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True).to(dtype).eval()
+    x = _randn(3, 4, 8, dtype=dtype)
+    return Case("", model, (x,), (_one_more_feature(x),))
+
+
+def _attention_no_weights(dtype):
+    model = SelfAttention().to(dtype)
+    x = _randn(3, 4, 8, dtype=dtype)
+    return Case("", model, (x,), (_one_more_feature(x),))
+
+
+def _dict_output(dtype):
+    model = DictOutput().to(dtype)
+    x = _randn(5, 4, dtype=dtype)
+    return Case("", model, (x,), (_one_more_feature(x),))
+
+
+def _spectral_norm(dtype):
+    model = nn.Sequential(
+        parametrizations.spectral_norm(nn.Linear(4, 5)), nn.Tanh(), nn.Linear(5, 2)
+    ).to(dtype)
+    x = _randn(5, 4, dtype=dtype)
+    return Case("", model, (x,), (_one_more_feature(x),))
+
+
+def _spectral_norm_hook(dtype):
+    # The older hook style: the weight is a plain attribute a forward pre-hook recomputes.
+    model = nn.Sequential(nn.utils.spectral_norm(nn.Linear(4, 5)), nn.Tanh(), nn.Linear(5, 2))
+    model = model.to(dtype)
+    x = _randn(5, 4, dtype=dtype)
+    return Case("", model, (x,), (_one_more_feature(x),))
+
+
+def _legacy_function(dtype):
+    model = LegacyFunctionAfterBatchNorm().to(dtype)
+    x = _randn(5, 4, dtype=dtype)
+    _warm_up_batchnorm(model, x)
+    return Case("", model, (x,), (_one_more_feature(x),))
+
+
 def _factory(name: str, seed: int, make: Callable[[torch.dtype], Case]):
     def factory(dtype: torch.dtype = torch.float64) -> Case:
         return _build(name, seed, dtype, make)
@@ -406,6 +507,28 @@ HIGHER_TWINS: dict[str, Callable[..., Case]] = {
 }
 """Where higher 0.2.1 computes a zoo model wrongly, an equivalent model (same parameters in
 the same order, same function) to run higher on instead."""
+
+_VMAP_LIMIT_MAKERS = {
+    "transformer_eval": _transformer_eval,
+    "attention_no_weights": _attention_no_weights,
+    "dict_output": _dict_output,
+    "spectral_norm": _spectral_norm,
+    "spectral_norm_hook": _spectral_norm_hook,
+    "legacy_function": _legacy_function,
+}
+
+VMAP_LIMITS: dict[str, Callable[..., Case]] = {
+    name: _factory(name, 100 + seed, make)
+    for seed, (name, make) in enumerate(_VMAP_LIMIT_MAKERS.items())
+}
+"""Models at the limits of ``torch.vmap`` (fused attention kernels, outputs that are not
+tensors, ops without batching rules, old-style autograd.Functions), for the batched tests.
+Kept out of ``ZOO``: some are not twice differentiable (attention's CPU kernel), and higher
+0.2.1 does not run them all."""
+
+NOT_TWICE_DIFFERENTIABLE = ("transformer_eval", "attention_no_weights")
+"""Models whose backward torch cannot differentiate again (scaled dot-product attention on a
+CPU): their inner loops run first-order."""
 
 WITH_BATCHNORM = ("conv_bn", "none_bias")
 RECURRENT = ("lstm", "gru", "rnn", "lstm_cell", "gru_cell", "rnn_cell")
