@@ -139,11 +139,12 @@ class _Leftovers:
     """What a forward left on the copies besides the buffer slots: new or reassigned tensor
     attributes (``self.last = h``, a buffer registered as None and filled in forward)."""
 
-    def __init__(self, tree: ModuleTree) -> None:
+    def __init__(self, tree: ModuleTree, per_task: "_PerTaskAttributes") -> None:
         self._holders = [c.__dict__ for c in tree.modules()]
         self._holders += [c._buffers for c in tree.modules()]
         self._before = [dict(h) for h in self._holders]
-        self._slots = tree.buffer_slot_keys  # read back by the caller, not here
+        # Buffers and per-task attributes are read back by the caller, not here.
+        self._slots = tree.buffer_slot_keys | per_task.keys
 
     def changed(self) -> List[Tuple[Dict[str, Any], str, Any]]:
         out = []
@@ -162,11 +163,44 @@ class _Leftovers:
             holder.update(before)
 
 
+class _PerTaskAttributes:
+    """Tensor attributes a forward left on the copies, stacked one entry per task.
+
+    The next call lends each task its own entry, as it does with buffers: a forward that reads
+    what it left last time (``self.prev``) sees its task's value, not the whole stack.
+    """
+
+    def __init__(self) -> None:
+        self.slots: List[Tuple[Dict[str, Any], str]] = []
+        self.keys: set = set()
+
+    def add(self, changed: List[Tuple[Dict[str, Any], str, Any]]) -> None:
+        for holder, key, value in changed:
+            if isinstance(value, torch.Tensor) and (id(holder), key) not in self.keys:
+                self.keys.add((id(holder), key))
+                self.slots.append((holder, key))
+
+    def read(self) -> List[Any]:
+        return [holder.get(key) for holder, key in self.slots]
+
+    def write(self, values: Sequence[Any]) -> None:
+        for (holder, key), value in zip(self.slots, values):
+            holder[key] = value
+
+
 def _split_tensors(tree: Any) -> Tuple[List[torch.Tensor], Callable[[List[Any]], Any]]:
     """The tensor leaves of ``tree`` and a function that puts (new) tensors back in place;
     leaves that are not tensors (None, ints, strings) pass through unchanged."""
     leaves, spec = pytree.tree_flatten(tree)
     where = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
+    for leaf in leaves:
+        if not isinstance(leaf, torch.Tensor) and _holds_tensors(leaf):
+            raise TypeError(
+                f"a batched patched module returned a {type(leaf).__name__} holding tensors, "
+                "which torch's pytree cannot look into: its tensors cannot be split or stacked "
+                "per task. Return tuples, lists, dicts or namedtuples, or register the type "
+                "with torch.utils._pytree.register_pytree_node"
+            )
 
     def rebuild(tensors: List[Any]) -> Any:
         new = list(leaves)
@@ -175,6 +209,14 @@ def _split_tensors(tree: Any) -> Tuple[List[torch.Tensor], Callable[[List[Any]],
         return pytree.tree_unflatten(new, spec)
 
     return [leaves[i] for i in where], rebuild
+
+
+def _holds_tensors(value: Any) -> bool:
+    """Whether an object that is not a pytree node keeps tensors in its attributes."""
+    attributes = getattr(value, "__dict__", None)
+    if not isinstance(attributes, dict) or isinstance(value, (type, torch.nn.Module)):
+        return False
+    return any(isinstance(v, torch.Tensor) for v in attributes.values())
 
 
 def _has_tensor(value: Any) -> bool:
@@ -223,6 +265,7 @@ class TaskBatch:
     ) -> None:
         self.size = check_num_tasks(size)
         self.randomness = check_randomness(randomness)
+        self._per_task = _PerTaskAttributes()
         # Calls lend one task's tensors into the patch's copies: two threads calling the same
         # batched patched module take turns. (Dynamo cannot build a lock; compiled code has
         # no threads to exclude.)
@@ -369,22 +412,26 @@ class TaskBatch:
 
     def _vmap(self, tree, fn, params, buffers, inputs: _Inputs):
         passthrough: Dict[str, Any] = {}
+        per_task = self._per_task
+        attributes = per_task.read()
 
-        def one_task(task_params, task_buffers, task_kwargs, *task_args):
+        def one_task(task_params, task_buffers, task_attributes, task_kwargs, *task_args):
             tree.write_params(task_params)
             tree.write_buffers(task_buffers)
-            leftovers = _Leftovers(tree)
+            per_task.write(task_attributes)
+            leftovers = _Leftovers(tree, per_task)
+            passthrough["leftovers"] = leftovers  # restored even if the forward raises
             out = fn(*task_args, **inputs.shared, **task_kwargs)
             changed = leftovers.changed()
             # Outputs and attributes that are not tensors (None, ints) cannot leave vmap;
             # they are the same for every task, so the trace's own values are kept.
             tensors, rebuild = _split_tensors((out, [value for _, _, value in changed]))
-            passthrough.update(rebuild=rebuild, changed=changed, leftovers=leftovers)
-            return tensors, tree.read_buffers()
+            passthrough.update(rebuild=rebuild, changed=changed)
+            return tensors, tree.read_buffers(), per_task.read()
 
         batched = torch.vmap(
             one_task,
-            in_dims=(0, 0, inputs.mapped_dims, *inputs.arg_dims),
+            in_dims=(0, 0, 0, inputs.mapped_dims, *inputs.arg_dims),
             randomness=self.randomness,
         )
         # (Dynamo does not trace the switch: higher_func.compile turns it off around the call.)
@@ -392,40 +439,54 @@ class TaskBatch:
         fastpath = attention_fastpath_off() if flip else contextlib.nullcontext()
         try:
             with fastpath:
-                tensors, new_buffers = batched(params, buffers, inputs.mapped, *inputs.args)
+                tensors, new_buffers, new_attributes = batched(
+                    params, buffers, attributes, inputs.mapped, *inputs.args
+                )
         finally:
             if "leftovers" in passthrough:
                 passthrough["leftovers"].restore()
             tree.write_params(params)
             tree.write_buffers(buffers)
+            per_task.write(attributes)
         out, values = passthrough["rebuild"](tensors)
+        per_task.write(new_attributes)
         for (holder, key, _), value in zip(passthrough["changed"], values):
             holder[key] = value
+        per_task.add(passthrough["changed"])
         new_buffers = list(new_buffers)
         tree.write_buffers(new_buffers)
         return out, new_buffers
 
     def _loop(self, tree, fn, params, buffers, inputs: _Inputs):
-        outs, per_task_buffers, per_task_changed = [], [], []
+        outs, per_task_buffers, per_task_changed, per_task_attributes = [], [], [], []
         reassigned = [False] * len(buffers)
         rng = _Randomness(self.randomness, buffers[0].device if buffers else None)
+        per_task = self._per_task
+        attributes = per_task.read()
         try:
             for t in range(self.size):
                 views = [b[t] for b in buffers]  # in-place updates (BatchNorm) land in the stack
                 tree.write_params([p[t] for p in params])
                 tree.write_buffers(views)
-                leftovers = _Leftovers(tree)
+                per_task.write([a[t] for a in attributes])
+                leftovers = _Leftovers(tree, per_task)
                 task_args, task_kwargs = inputs.of_task(t)
-                with rng.task():
-                    outs.append(fn(*task_args, **task_kwargs))
-                own = tree.read_buffers()
-                reassigned = [r or o is not v for r, o, v in zip(reassigned, own, views)]
-                per_task_buffers.append(own)
-                per_task_changed.append(leftovers.changed())
-                leftovers.restore()
+                try:
+                    with rng.task():
+                        outs.append(fn(*task_args, **task_kwargs))
+                    own = tree.read_buffers()
+                    reassigned = [r or o is not v for r, o, v in zip(reassigned, own, views)]
+                    per_task_buffers.append(own)
+                    per_task_changed.append(leftovers.changed())
+                    per_task_attributes.append(per_task.read())
+                finally:
+                    leftovers.restore()
         finally:
             tree.write_params(params)
             tree.write_buffers(buffers)
+            per_task.write(attributes)
+        if attributes:
+            per_task.write([torch.stack(column) for column in zip(*per_task_attributes)])
         stacked = [
             torch.stack([own[i] for own in per_task_buffers]) if changed else b
             for i, (b, changed) in enumerate(zip(buffers, reassigned))
@@ -433,8 +494,13 @@ class TaskBatch:
         for entries in zip(*per_task_changed):
             holder, key, _ = entries[0]
             holder[key] = _stack_tasks([value for _, _, value in entries])
+        per_task.add(per_task_changed[0] if per_task_changed else [])
         tree.write_buffers(stacked)
         return _stack_tasks(outs), stacked
+
+
+def _same_state(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
 
 
 class _Randomness:
@@ -452,17 +518,15 @@ class _Randomness:
 
     @contextlib.contextmanager
     def task(self) -> Iterator[None]:
-        if self.randomness == "same":
-            cpu, cuda = self._start
+        start = self._start
+        if self.randomness == "same" and start is not None:
+            cpu, cuda = start
             torch.set_rng_state(cpu)
             if cuda is not None:
                 torch.cuda.set_rng_state(cuda)
         yield
-        if self.randomness == "error":
-            now = self._state()
-            if not all(
-                (a is None and b is None) or torch.equal(a, b) for a, b in zip(now, self._start)
-            ):
+        if self.randomness == "error" and start is not None:
+            if not all(_same_state(a, b) for a, b in zip(self._state(), start)):
                 raise RuntimeError(
                     "a random operation ran in a batched patched module created with "
                     "randomness='error' (use 'different' for each task its own draws, or "

@@ -31,6 +31,8 @@ is only needed to refresh them; assigning a plain tensor to a parameter name of 
 
 from __future__ import annotations
 
+import collections.abc as _abc
+import functools as _functools
 import inspect as _inspect
 from typing import (
     Any,
@@ -501,30 +503,51 @@ def _refuse(name: str, module: _nn.Module) -> None:
 
 def _batched_attr(patch: _MonkeyPatchBase, module: _nn.Module, name: str) -> Any:
     """Attribute ``name`` of ``module`` (one of a batched patch's copies) as the user sees it:
-    methods and properties computed from the weights run once per task."""
+    methods and properties computed from the weights run once per task, and every submodule
+    they hand out is a per-task view."""
     class_attr = getattr(type(module), name, None)
-    if isinstance(class_attr, property):
-        return patch._per_task(lambda: getattr(module, name), (), {})
-    own_method = (
-        _inspect.isfunction(class_attr)
-        and name not in module.__dict__
-        and class_attr is not getattr(_nn.Module, name, None)
-    )
-    if own_method:
-        if _inspect.isgeneratorfunction(class_attr):
-            raise TypeError(
-                f"{type(module).__name__}.{name} is a generator: it would run after the call "
-                "that lends each task its weights; with num_tasks, call a method that returns "
-                "its results instead"
-            )
+    if isinstance(class_attr, (property, _functools.cached_property)):
+        return _views_in(patch, patch._per_task(lambda: getattr(module, name), (), {}))
+    if not _inspect.isfunction(class_attr) or name in module.__dict__:
+        return _views_in(patch, getattr(module, name))
+    if class_attr.__module__.startswith("torch."):
+        # nn.Module's and the containers' own methods (get_submodule, values, items...):
+        # they read structure, not weights; only the submodules they return need views.
+        method = getattr(module, name)
 
-        def per_task(*args: Any, **kwargs: Any) -> Any:
-            return patch._per_task(getattr(module, name), args, kwargs)
+        def with_views(*args: Any, **kwargs: Any) -> Any:
+            return _views_in(patch, method(*args, **kwargs))
 
-        per_task.__name__ = name
-        per_task.__doc__ = class_attr.__doc__
-        return per_task
-    return patch._wrap(getattr(module, name))
+        with_views.__name__ = name
+        with_views.__doc__ = class_attr.__doc__
+        return with_views
+    if _inspect.isgeneratorfunction(class_attr):
+        raise TypeError(
+            f"{type(module).__name__}.{name} is a generator: it would run after the call "
+            "that lends each task its weights; with num_tasks, call a method that returns "
+            "its results instead"
+        )
+
+    def per_task(*args: Any, **kwargs: Any) -> Any:
+        return _views_in(patch, patch._per_task(getattr(module, name), args, kwargs))
+
+    per_task.__name__ = name
+    per_task.__doc__ = class_attr.__doc__
+    return per_task
+
+
+def _views_in(patch: _MonkeyPatchBase, value: Any) -> Any:
+    """``value`` with every module in it (directly, or in a list, tuple, dict, dict view or
+    iterator) replaced by its per-task view."""
+    if isinstance(value, _nn.Module):
+        return patch._wrap(value)
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+        return type(value)(_views_in(patch, v) for v in value)
+    if isinstance(value, dict):
+        return type(value)((k, _views_in(patch, v)) for k, v in value.items())
+    if isinstance(value, (_abc.ItemsView, _abc.ValuesView, _abc.Iterator)):
+        return [_views_in(patch, v) for v in value]
+    return value
 
 
 class _BatchedView:

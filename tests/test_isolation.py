@@ -8,6 +8,8 @@ values, before, during and after, also when a forward raises.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import threading
 import warnings
 
@@ -690,3 +692,110 @@ class WithExtraState(nn.Module):
 def test_extra_state_is_exported_whole_for_each_task():
     fmodel = higher_func.monkeypatch(WithExtraState(), num_tasks=2)
     assert torch.equal(fmodel.state_dict(task=1)["_extra_state"], torch.arange(4.0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Batched: what a forward keeps between calls, and how submodules are handed out.
+# ---------------------------------------------------------------------------------------------
+
+
+class Recurrent(nn.Module):
+    """Reads, on each call, what it left on itself the call before."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+        self.register_buffer("steps", torch.zeros(()))
+
+    def forward(self, x):
+        y = self.fc(x)
+        if hasattr(self, "prev"):
+            y = y + self.prev.mean(0)
+        self.prev = y.detach()
+        return y
+
+    @functools.cached_property
+    def weight_norm(self):
+        return self.fc.weight.norm()
+
+    @property
+    def layer(self):
+        return self.fc
+
+
+@pytest.mark.parametrize("loop", [False, True], ids=["vmap", "loop"])
+def test_state_a_forward_keeps_between_calls_is_per_task(loop):
+    torch.manual_seed(0)
+    model = Recurrent()
+    if loop:
+        model.rnn = nn.RNN(3, 3)  # no batching rule: the tasks run in a loop
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", higher_func.BatchingFallbackWarning)
+        batched = higher_func.monkeypatch(model, num_tasks=3)
+    new = [p + 0.1 * torch.randn_like(p) for p in batched.parameters()]
+    batched.update_params(new)
+    singles = [higher_func.monkeypatch(model) for _ in range(3)]
+    for t, single in enumerate(singles):
+        single.update_params([p[t] for p in new])
+    for _ in range(3):
+        xs = torch.randn(3, 5, 3)
+        out = batched(xs)
+        for t, single in enumerate(singles):
+            torch.testing.assert_close(out[t], single(xs[t]))
+    assert batched.prev.shape == (3, 5, 3) and "prev" not in model.__dict__
+
+
+def test_batched_properties_and_module_methods_hand_out_per_task_views():
+    torch.manual_seed(0)
+    model = nn.Sequential(Recurrent(), nn.ModuleDict({"a": nn.Linear(3, 2)}))
+    fmodel = higher_func.monkeypatch(model, num_tasks=2)
+    new = [p + torch.randn_like(p) for p in fmodel.parameters()]
+    fmodel.update_params(new)
+    norms = fmodel[0].weight_norm
+    assert norms.shape == (2,)
+    torch.testing.assert_close(norms, torch.stack([w.norm() for w in new[0]]))
+    xs = torch.randn(2, 4, 3)
+    for head in (*fmodel[1].values(), fmodel.get_submodule("1.a"), dict(fmodel[1].items())["a"]):
+        assert isinstance(head, nn.Linear)
+        torch.testing.assert_close(head(xs), torch.baddbmm(new[3][:, None], xs, new[2].mT))
+    assert fmodel[0].layer(xs).shape == (2, 4, 3)
+
+
+@dataclasses.dataclass
+class Output:
+    logits: torch.Tensor
+
+
+class ReturnsDataclass(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return Output(self.fc(x))
+
+
+def test_batched_outputs_torch_cannot_split_are_a_clear_error():
+    fmodel = higher_func.monkeypatch(ReturnsDataclass(), num_tasks=2)
+    with pytest.raises(TypeError, match="Output holding tensors"):
+        fmodel(torch.randn(2, 4, 3))
+
+
+class Raises(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x, fail=False):
+        self.feat = self.fc(x)
+        if fail:
+            raise ValueError("bad batch")
+        return self.feat
+
+
+def test_a_batched_forward_that_raises_leaves_nothing_behind():
+    fmodel = higher_func.monkeypatch(Raises(), num_tasks=2)
+    with pytest.raises(ValueError, match="bad batch"):
+        fmodel(torch.randn(2, 4, 3), fail=True)
+    assert "feat" not in fmodel._tree.root.__dict__
+    assert fmodel(torch.randn(2, 4, 3)).sum().isfinite()
