@@ -91,18 +91,18 @@ class _MonkeyPatchBase:
         compiling = _is_compiling()
         tree = _ModuleTree(module, compiling)
         state = self.__dict__
-        state["_module"] = module
-        state["_tree"] = tree
-        state["_compiling"] = compiling
+        state["_hf_module"] = module
+        state["_hf_tree"] = tree
+        state["_hf_compiling"] = compiling
         device = None if device is None else _torch.device(device)
         tasks = None if num_tasks is None else _TaskBatch(num_tasks, module, randomness, device)
-        state["_tasks"] = tasks
-        state["_index"] = tree.param_index
-        state["_shapes"] = [self._stack_shape(p.shape) for p in tree.params]
+        state["_hf_tasks"] = tasks
+        state["_hf_index"] = tree.param_index
+        state["_hf_shapes"] = [self._stack_shape(p.shape) for p in tree.params]
         # As patched: converting the module afterwards (model.double()) changes its Parameters
         # in place, not the patch's fast weights or buffers.
-        state["_kinds"] = [(p.dtype, p.device) for p in tree.params]
-        state["_device"] = device
+        state["_hf_kinds"] = [(p.dtype, p.device) for p in tree.params]
+        state["_hf_device"] = device
         state["_fast_params"] = None
         state["_track_higher_grads"] = True
         buffers = [self._stack(b.detach()) for b in tree.buffers]
@@ -110,7 +110,7 @@ class _MonkeyPatchBase:
 
     @property
     def _plan(self) -> _ModuleTree:  # names and originals, for the optimizers' messages
-        return self._tree
+        return self._hf_tree
 
     @property
     def _root(self) -> "_MonkeyPatchBase":
@@ -136,34 +136,34 @@ class _MonkeyPatchBase:
             self.fast_params = params
         elif self._fast_params is None:
             self._params_at(None)  # raises: no fast weights yet
-        if self._tasks is None:
-            return self._tree.root(*args, **kwargs)
-        return self._per_task(self._tree.root, args, kwargs)
+        if self._hf_tasks is None:
+            return self._hf_tree.root(*args, **kwargs)
+        return self._per_task(self._hf_tree.root, args, kwargs)
 
     def forward(self, *args: Any, params: Optional[_Params] = None, **kwargs: Any) -> Any:
         """Like calling the patched module, without the module's hooks."""
         if params is not None:
             self.fast_params = params
         self._params_at(None)
-        if self._tasks is None:
-            return self._tree.root.forward(*args, **kwargs)
-        return self._per_task(self._tree.root.forward, args, kwargs)
+        if self._hf_tasks is None:
+            return self._hf_tree.root.forward(*args, **kwargs)
+        return self._per_task(self._hf_tree.root.forward, args, kwargs)
 
     def _per_task(self, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
-        tree, tasks = self._tree, self._tasks
+        tree, tasks = self._hf_tree, self._hf_tasks
         out, _ = tasks.call(
-            tree, fn, self._params_at(None), tree.read_buffers(), args, kwargs, self._compiling
+            tree, fn, self._params_at(None), tree.read_buffers(), args, kwargs, self._hf_compiling
         )
         return out
 
     # -- reading and writing the module ------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
         # Only reached when normal lookup fails, i.e. for the module's own names.
-        tree = self.__dict__.get("_tree")
+        tree = self.__dict__.get("_hf_tree")
         if name.startswith("__") or tree is None:
             raise AttributeError(name)
         _refuse(name, tree.root)
-        if self._tasks is None:
+        if self._hf_tasks is None:
             return getattr(tree.root, name)
         return _batched_attr(self, tree.root, name)
 
@@ -175,39 +175,39 @@ class _MonkeyPatchBase:
             object.__setattr__(self, name, value)
         elif isinstance(value, _nn.Module):
             _refuse_new_module(name)
-        elif name in self._index:
+        elif name in self._hf_index:
             params = list(self._params_at(None))
-            params[self._index[name]] = value
+            params[self._hf_index[name]] = value
             self.update_params(params)
         else:
-            setattr(self._tree.root, name, value)
+            setattr(self._hf_tree.root, name, value)
 
     def __delattr__(self, name: str) -> None:
-        delattr(self._tree.root, name)
+        delattr(self._hf_tree.root, name)
 
     def __getitem__(self, key: Any) -> Any:
-        return self._wrap(self._tree.root[key])
+        return self._wrap(self._hf_tree.root[key])
 
     def __len__(self) -> int:
-        return len(self._tree.root)
+        return len(self._hf_tree.root)
 
     def __iter__(self) -> Iterator[Any]:
-        return (self._wrap(item) for item in iter(self._tree.root))
+        return (self._wrap(item) for item in iter(self._hf_tree.root))
 
     def __contains__(self, key: Any) -> bool:
-        return key in self._tree.root
+        return key in self._hf_tree.root
 
     def __bool__(self) -> bool:  # `if fmodel:` must not fall back to __len__
         return True
 
     def _wrap(self, value: Any) -> Any:
         """A submodule as the user sees it: the copy itself, or a per-task proxy when batched."""
-        if self._tasks is not None and isinstance(value, _nn.Module):
+        if self._hf_tasks is not None and isinstance(value, _nn.Module):
             return _BatchedView(value, self)
         return value
 
     def named_children(self) -> Iterator[Tuple[str, Any]]:
-        return ((n, self._wrap(m)) for n, m in self._tree.root.named_children())
+        return ((n, self._wrap(m)) for n, m in self._hf_tree.root.named_children())
 
     def children(self) -> Iterator[Any]:
         return (m for _, m in self.named_children())
@@ -218,7 +218,7 @@ class _MonkeyPatchBase:
         """``(name, module)`` for the patched module itself and each of its submodules (the
         patch's copies, or their per-task proxies with ``num_tasks``)."""
         yield prefix, self
-        named = self._tree.root.named_modules(memo, prefix, remove_duplicate)
+        named = self._hf_tree.root.named_modules(memo, prefix, remove_duplicate)
         next(named)  # the root copy: the patched module stands for it
         yield from ((n, self._wrap(m)) for n, m in named)
 
@@ -228,20 +228,20 @@ class _MonkeyPatchBase:
     def train(self, mode: bool = True) -> "_MonkeyPatchBase":
         """Set the training flags of the patch's copy of the module (the module's own
         ``train()`` override runs); the original module's flags are untouched."""
-        self._tree.root.train(mode)
+        self._hf_tree.root.train(mode)
         return self
 
     def eval(self) -> "_MonkeyPatchBase":
-        self._tree.root.eval()
+        self._hf_tree.root.eval()
         return self
 
     @property
     def training(self) -> bool:
-        return self._tree.root.training
+        return self._hf_tree.root.training
 
     @training.setter
     def training(self, mode: bool) -> None:
-        self._tree.root.training = mode
+        self._hf_tree.root.training = mode
 
     # -- parameters, buffers, state ------------------------------------------------------------
     def parameters(
@@ -273,15 +273,15 @@ class _MonkeyPatchBase:
         dot = "." if prefix else ""
         params = self._params_at(time)
         if not remove_duplicate:
-            index = self._tree.param_index
+            index = self._hf_tree.param_index
             return iter([(prefix + dot + n, params[i]) for n, i in index.items()])
-        return zip([prefix + dot + n for n in self._tree.param_names], params)
+        return zip([prefix + dot + n for n in self._hf_tree.param_names], params)
 
     def named_buffers(
         self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
     ) -> Iterator[Tuple[str, _torch.Tensor]]:
         """``(name, buffer)`` pairs of the patch's own buffers (copies of the module's)."""
-        tree = self._tree
+        tree = self._hf_tree
         if tree.buffers_as_attributes:
             dot = "." if prefix else ""
             return zip([prefix + dot + n for n in tree.buffer_names], tree.read_buffers())
@@ -315,11 +315,11 @@ class _MonkeyPatchBase:
                 "state_dict() of a patched module takes only prefix=, keep_vars= and task="
             )
         check_task(task, self.num_tasks, "patched module")
-        tree = self._tree
+        tree = self._hf_tree
         state = tree.root.state_dict(prefix=prefix, keep_vars=True)
         if tree.buffers_as_attributes:  # in the order of the module's own state_dict
             state.update(zip([prefix + n for n in tree.buffer_names], tree.read_buffers()))
-            order = self._module.state_dict(prefix=prefix, keep_vars=True)
+            order = self._hf_module.state_dict(prefix=prefix, keep_vars=True)
             state = type(state)((k, state[k]) for k in order if k in state)
         for key, tensor in state.items():
             if isinstance(tensor, _torch.Tensor):
@@ -331,9 +331,9 @@ class _MonkeyPatchBase:
 
     def get_parameter(self, target: str) -> _torch.Tensor:
         """The current fast weight called ``target`` (any of a tied weight's names)."""
-        if target not in self._index:
-            raise AttributeError(f"{type(self._module).__name__} has no parameter {target!r}")
-        return self._params_at(None)[self._index[target]]
+        if target not in self._hf_index:
+            raise AttributeError(f"{type(self._hf_module).__name__} has no parameter {target!r}")
+        return self._params_at(None)[self._hf_index[target]]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear ``.grad`` of the fast weights that are leaves (others never get one)."""
@@ -348,14 +348,14 @@ class _MonkeyPatchBase:
     @property
     def num_tasks(self) -> Optional[int]:
         """The number of tasks whose fast weights are stacked (``None``: not batched)."""
-        return None if self._tasks is None else self._tasks.size
+        return None if self._hf_tasks is None else self._hf_tasks.size
 
     def _stack_shape(self, shape: _torch.Size) -> _torch.Size:
-        return shape if self._tasks is None else _torch.Size((self._tasks.size, *shape))
+        return shape if self._hf_tasks is None else _torch.Size((self._hf_tasks.size, *shape))
 
     def _stack(self, tensor: _torch.Tensor) -> _torch.Tensor:
         """``tensor`` repeated once per task (a real copy), or a copy of it when not batched."""
-        return tensor.clone() if self._tasks is None else self._tasks.stack(tensor)
+        return tensor.clone() if self._hf_tasks is None else self._hf_tasks.stack(tensor)
 
     # -- fast weights --------------------------------------------------------------------------
     @property
@@ -369,7 +369,7 @@ class _MonkeyPatchBase:
 
     def _record(self, params: List[_torch.Tensor]) -> None:
         """Make checked ``params`` current: into the history and the copies' slots."""
-        if self._compiling and not self._track_higher_grads:
+        if self._hf_compiling and not self._track_higher_grads:
             # The optimizer made new leaves (detach().requires_grad_()), which Dynamo refuses
             # to return anything computed from: the same values in a form it can return.
             params = [_compile.new_leaf(p, p.requires_grad) for p in params]
@@ -377,7 +377,7 @@ class _MonkeyPatchBase:
             self.__dict__["_fast_params"] = [params]
         else:
             self._fast_params.append(params)
-        self._tree.write_params(params)
+        self._hf_tree.write_params(params)
 
     @property
     def init_fast_params(self) -> List[_torch.Tensor]:
@@ -431,9 +431,9 @@ class _MonkeyPatchBase:
             ) from None
 
     def _as_param_list(self, params: _Params) -> List[_torch.Tensor]:
-        names = self._tree.param_names
+        names = self._hf_tree.param_names
         if isinstance(params, Mapping):
-            unknown = [k for k in params if k not in self._index]
+            unknown = [k for k in params if k not in self._hf_index]
             missing = [k for k in names if k not in params]
             if unknown or missing:
                 raise KeyErrorSentence(
@@ -450,7 +450,7 @@ class _MonkeyPatchBase:
                 f"expected {len(names)} parameters (one per distinct parameter of the module, "
                 f"tied weights once), got {len(params)}"
             )
-        for name, p, shape, (dtype, device) in zip(names, params, self._shapes, self._kinds):
+        for name, p, shape, (dtype, device) in zip(names, params, self._hf_shapes, self._hf_kinds):
             if not isinstance(p, _torch.Tensor):
                 raise TypeError(f"parameter {name!r} must be a tensor, got {type(p).__name__}")
             if p.shape != shape:
@@ -464,7 +464,7 @@ class _MonkeyPatchBase:
                     "the module was patched (to change dtypes, convert the module, e.g. "
                     "model.double(), then patch it again)"
                 )
-            device = self._device or device
+            device = self._hf_device or device
             if not same_device(p.device, device):
                 raise ValueError(f"parameter {name!r} is on {p.device}, expected {device}")
         return params
@@ -475,10 +475,10 @@ class _MonkeyPatchBase:
             if self._fast_params is None
             else (f"{len(self._fast_params)} fast weight step(s) kept")
         )
-        return f"MonkeyPatched({self._module!r}) [{steps}]"
+        return f"MonkeyPatched({self._hf_module!r}) [{steps}]"
 
     def __dir__(self) -> List[str]:
-        return sorted(set(object.__dir__(self)) | set(dir(self._tree.root)))
+        return sorted(set(object.__dir__(self)) | set(dir(self._hf_tree.root)))
 
 
 def _refuse_new_module(name: str) -> None:
@@ -559,61 +559,63 @@ class _BatchedView:
     """
 
     def __init__(self, module: _nn.Module, patch: _MonkeyPatchBase) -> None:
-        object.__setattr__(self, "_module", module)
-        object.__setattr__(self, "_patch", patch)
+        object.__setattr__(self, "_hf_module", module)
+        object.__setattr__(self, "_hf_patch", patch)
 
     @property  # type: ignore[misc]
     def __class__(self) -> type:
-        return type(self._module)
+        return type(self._hf_module)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._patch._per_task(self._module, args, kwargs)
+        return self._hf_patch._per_task(self._hf_module, args, kwargs)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self._patch._per_task(self._module.forward, args, kwargs)
+        return self._hf_patch._per_task(self._hf_module.forward, args, kwargs)
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__"):
             raise AttributeError(name)
-        _refuse(name, self._module)
-        return _batched_attr(self._patch, self._module, name)
+        _refuse(name, self._hf_module)
+        return _batched_attr(self._hf_patch, self._hf_module, name)
 
     def __setattr__(self, name: str, value: Any) -> None:
         if isinstance(value, _nn.Module):
             _refuse_new_module(name)
-        setattr(self._module, name, value)
+        setattr(self._hf_module, name, value)
 
     def __getitem__(self, key: Any) -> Any:
-        return self._patch._wrap(self._module[key])
+        return self._hf_patch._wrap(self._hf_module[key])
 
     def __len__(self) -> int:
-        return len(self._module)
+        return len(self._hf_module)
 
     def __iter__(self) -> Iterator[Any]:
-        return (self._patch._wrap(item) for item in iter(self._module))
+        return (self._hf_patch._wrap(item) for item in iter(self._hf_module))
 
     def named_children(self) -> Iterator[Tuple[str, Any]]:
-        return ((n, self._patch._wrap(m)) for n, m in self._module.named_children())
+        return ((n, self._hf_patch._wrap(m)) for n, m in self._hf_module.named_children())
 
     def children(self) -> Iterator[Any]:
         return (m for _, m in self.named_children())
 
     def named_modules(self, *args: Any, **kwargs: Any) -> Iterator[Tuple[str, Any]]:
-        return ((n, self._patch._wrap(m)) for n, m in self._module.named_modules(*args, **kwargs))
+        return (
+            (n, self._hf_patch._wrap(m)) for n, m in self._hf_module.named_modules(*args, **kwargs)
+        )
 
     def modules(self) -> Iterator[Any]:
         return (m for _, m in self.named_modules())
 
     def train(self, mode: bool = True) -> "_BatchedView":
-        self._module.train(mode)
+        self._hf_module.train(mode)
         return self
 
     def eval(self) -> "_BatchedView":
-        self._module.eval()
+        self._hf_module.eval()
         return self
 
     def __repr__(self) -> str:
-        return f"PerTask({self._module!r})"
+        return f"PerTask({self._hf_module!r})"
 
 
 class Batching(NamedTuple):
@@ -642,7 +644,7 @@ def batching(fmodule: _MonkeyPatchBase) -> Optional[Batching]:
     """
     if not isinstance(fmodule, _MonkeyPatchBase):
         raise TypeError(f"expected a patched module, got {type(fmodule).__name__}")
-    tasks = fmodule._tasks
+    tasks = fmodule._hf_tasks
     return None if tasks is None else Batching(tasks.mode, tasks.reason)
 
 
@@ -681,7 +683,7 @@ def make_functional(
         # Until fast weights are given, the copies hold private copies of the module's
         # weights: a submodule called directly (fmodule.encoder(x)) computes as the module
         # does, and an in-place write in its forward (Embedding's max_norm) stays in the patch.
-        fmodule._tree.write_params([p.detach().clone() for p in fmodule._tree.params])
+        fmodule._hf_tree.write_params([p.detach().clone() for p in fmodule._hf_tree.params])
     return fmodule
 
 
@@ -695,7 +697,7 @@ def buffer_sync(
     """
     if not isinstance(fmodule, _MonkeyPatchBase):
         raise TypeError(f"expected a patched module, got {type(fmodule).__name__}")
-    tree = fmodule._tree
+    tree = fmodule._hf_tree
     buffers = tree.read_buffers()
     index = {name: i for i, name in enumerate(tree.buffer_names)}
     for name, buffer in module.named_buffers():
@@ -759,8 +761,8 @@ def monkeypatch(
     """
 
     def encapsulator(fmodule: _MonkeyPatchBase, module: _nn.Module) -> None:
-        originals = fmodule._tree.params
-        if copy_initial_weights and fmodule._compiling:
+        originals = fmodule._hf_tree.params
+        if copy_initial_weights and fmodule._hf_compiling:
             params = [_compile.new_leaf(fmodule._stack(p), p.requires_grad) for p in originals]
         elif copy_initial_weights:
             params = [fmodule._stack(p.detach()).requires_grad_(p.requires_grad) for p in originals]

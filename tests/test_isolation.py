@@ -797,5 +797,27 @@ def test_a_batched_forward_that_raises_leaves_nothing_behind():
     fmodel = higher_func.monkeypatch(Raises(), num_tasks=2)
     with pytest.raises(ValueError, match="bad batch"):
         fmodel(torch.randn(2, 4, 3), fail=True)
-    assert "feat" not in fmodel._tree.root.__dict__
+    assert "feat" not in fmodel._hf_tree.root.__dict__
     assert fmodel(torch.randn(2, 4, 3)).sum().isfinite()
+
+
+class Wrapper(nn.Module):
+    """Keeps its inner model as ``_module`` and other private names, as wrappers do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._module = nn.Linear(3, 2)
+        self._device = "cpu:fancy"
+        self._index = 7
+
+    def forward(self, x):
+        return self._module(x)
+
+
+def test_the_patch_keeps_out_of_the_modules_private_names():
+    fmodel = higher_func.monkeypatch(Wrapper())
+    _fast(fmodel, seed=9)
+    x = torch.randn(2, 3)
+    assert isinstance(fmodel._module, nn.Linear)
+    torch.testing.assert_close(fmodel._module(x), fmodel(x))
+    assert fmodel._device == "cpu:fancy" and fmodel._index == 7
