@@ -38,6 +38,7 @@ _BOOKKEEPING = tuple(
     key for key, value in nn.Module().__dict__.items() if isinstance(value, (dict, set))
 )
 _BOOKKEEPING_SET = frozenset(_BOOKKEEPING)
+_HOOK_DICTS = tuple(key for key in _BOOKKEEPING if key.endswith("hooks"))
 
 _Slot = Tuple[Dict[str, Any], str, int]  # (the dict holding it, key, index among distinct)
 
@@ -104,11 +105,17 @@ def _shallow_copy(module: nn.Module, containers: Dict[int, Any]) -> nn.Module:
     for key in _BOOKKEEPING:
         if key in original:
             state[key] = containers[id(original[key])] = original[key].copy()
-    for klass in type(module).__mro__:  # attributes kept in __slots__, not in __dict__
-        for slot in getattr(klass, "__slots__", ()):
-            if slot not in ("__dict__", "__weakref__") and hasattr(module, slot):
-                object.__setattr__(copy, slot, getattr(module, slot))
+    # Attributes kept in __slots__, not in __dict__ (mypy: torch types Module.__hash__ oddly).
+    for slot in _slot_names(type(module)):  # type: ignore[arg-type]
+        if hasattr(module, slot):
+            object.__setattr__(copy, slot, getattr(module, slot))
     return copy
+
+
+@functools.lru_cache(maxsize=4096)
+def _slot_names(cls: type) -> Tuple[str, ...]:
+    names = (slot for klass in cls.__mro__ for slot in getattr(klass, "__slots__", ()))
+    return tuple(n for n in names if n not in ("__dict__", "__weakref__"))
 
 
 class _Private:
@@ -169,14 +176,13 @@ class _Private:
     def own(self, copy: nn.Module) -> None:
         state = copy.__dict__
         for key, value in state.items():
-            if type(value) in _IMMUTABLE:
-                continue
-            if key in _BOOKKEEPING_SET:
-                if key.endswith("hooks"):  # hook dicts: rebind hooks that are bound methods
-                    for hook_id, hook in value.items():
-                        value[hook_id] = self(hook)
-                continue
-            state[key] = self(value)
+            if type(value) not in _IMMUTABLE and key not in _BOOKKEEPING_SET:
+                state[key] = self(value)
+        for key in _HOOK_DICTS:  # rebind hooks that are bound methods of a module
+            hooks = state.get(key)
+            if hooks:
+                for hook_id, hook in hooks.items():
+                    hooks[hook_id] = self(hook)
         # nn.Module.compile() binds a compiled call to the original module: the copy runs its
         # own forward (compile the meta-step with higher_func.compile instead).
         if state.get("_compiled_call_impl") is not None:
