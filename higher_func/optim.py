@@ -350,7 +350,8 @@ class DifferentiableOptimizer:
             raise NotImplementedError(
                 f"{type(self).__name__} defines neither a `rule` nor an `_update` method"
             )
-        update = rule.select(_numerics.get_numerics())
+        mode = _numerics.get_numerics()
+        update = rule.select(mode)
         for group, grads, states in zip(self.param_groups, grouped_grads, self.state):
             hyper = {k: group[k] for k in rule.hyperparameters if k in group}
             # The task count when some hyperparameter holds one value per task, else None.
@@ -358,6 +359,21 @@ class DifferentiableOptimizer:
             if per_task is not None and not has_per_task(hyper, per_task):
                 per_task = None
             params = group["params"]
+            # One multi-tensor call for the group where the rule has one (see
+            # UpdateRule.select_foreach); per-task values need per-tensor broadcasting.
+            update_all = rule.select_foreach(mode, hyper) if per_task is None else None
+            if update_all is not None:
+                active = [i for i, g in enumerate(grads) if g is not None]
+                if active:
+                    new_params, new_states = update_all(
+                        [params[i] for i in active],
+                        [grads[i] for i in active],
+                        [states[i] for i in active],
+                        **hyper,
+                    )
+                    for i, p, s in zip(active, new_params, new_states):
+                        params[i], states[i] = p, s
+                continue
             for i, g in enumerate(grads):
                 if g is not None:
                     h = hyper
