@@ -1400,16 +1400,20 @@ def adam_foreach(
     denoms = torch._foreach_add(
         torch._foreach_div(_foreach_safe_sqrt(second_moments), bias_correction2_sqrt), eps
     )
+    # ``param + step_size * exp_avg / denom``, in the order of operations (and so the rounding)
+    # of ``addcdiv``'s CPU kernel: ``_foreach_addcdiv`` has no working derivative in torch 2.13
+    # for tensors of different shapes.
     if not _is_tensor(lr):
         step_sizes = [-(lr / (1 - beta1**t)) for t in steps]
-        return list(torch._foreach_addcdiv(params, exp_avgs, denoms, step_sizes)), new_states
-    # One tensor step size per distinct step (usually one for the whole group), so that the
-    # graph holds one node per operation, not one per tensor.
-    negated: dict[int, Tensor] = {}
-    for t in steps:
-        if t not in negated:
-            negated[t] = -(lr / (1 - beta1**t))
-    scaled = torch._foreach_mul([negated[t] for t in steps], exp_avgs)
+        scaled = torch._foreach_mul(exp_avgs, step_sizes)
+    else:
+        # One tensor step size per distinct step (usually one for the whole group), so that
+        # the graph holds one node per operation, not one per tensor.
+        negated: dict[int, Tensor] = {}
+        for t in steps:
+            if t not in negated:
+                negated[t] = -(lr / (1 - beta1**t))
+        scaled = torch._foreach_mul([negated[t] for t in steps], exp_avgs)
     return list(torch._foreach_add(params, torch._foreach_div(scaled, denoms))), new_states
 
 

@@ -181,6 +181,9 @@ class DifferentiableOptimizer:
                     self.state[g][i] = import_state(other.state[p], device, self.num_tasks)
         self._num_params = len(fast_weights)
         self._shapes = [p.shape for p in fast_weights]
+        self._stacked_shapes = [
+            s if self.num_tasks is None else torch.Size((self.num_tasks, *s)) for s in self._shapes
+        ]
         if override is not None:
             self._apply_override(override)
         self._grad_callback = grad_callback
@@ -219,6 +222,7 @@ class DifferentiableOptimizer:
         _no_unknown_options("step()", kwargs)
         if override is not None:
             override = self._check_override(override)
+        from_module = params is None
         params = self._current_params(params)
         self._check_loss(loss)
         grads = self._gradients(loss, params)
@@ -228,13 +232,17 @@ class DifferentiableOptimizer:
         # The update itself is a transaction too: if a rule or the patched module raises
         # (an override of the wrong type, KeyboardInterrupt...), groups and state roll back.
         saved_groups = [dict(group) for group in self.param_groups]
-        saved_state = [{i: dict(s) for i, s in states.items()} for states in self.state]
+        if type(self)._update is DifferentiableOptimizer._update:
+            # The rules return new per-parameter state dicts and never edit one in place.
+            saved_state = [dict(states) for states in self.state]
+        else:  # higher's subclasses write into them
+            saved_state = [{i: dict(s) for i, s in states.items()} for states in self.state]
         try:
             if override is not None:
                 self._apply_override(override)
             new_params = self._apply_updates(params, grads)
             if self._fmodel is not None:
-                self._fmodel.update_params(new_params)
+                self._record(params, new_params, from_module)
         except BaseException:
             for group, saved in zip(self.param_groups, saved_groups):
                 group.clear()
@@ -244,6 +252,27 @@ class DifferentiableOptimizer:
                 states.update(saved_states)
             raise
         return new_params
+
+    def _record(
+        self, params: List[torch.Tensor], new_params: List[torch.Tensor], from_module: bool
+    ) -> None:
+        """Make ``new_params`` the patched module's fast weights.
+
+        The rules keep every shape, device and (unless a tensor hyperparameter promotes it)
+        dtype, so the results of updating the module's own fast weights need none of
+        ``update_params``' checks: they go through the module's unchecked ``_record``. Weights
+        passed to ``step(params=...)``, and modules without ``_record`` (higher's own), take
+        the checked way.
+        """
+        record = getattr(self._fmodel, "_record", None)
+        if (
+            record is not None
+            and from_module
+            and all(new.dtype == old.dtype for new, old in zip(new_params, params))
+        ):
+            record(new_params)
+        else:
+            self._fmodel.update_params(new_params)  # type: ignore[union-attr]
 
     def _current_params(self, params: Optional[Iterable[torch.Tensor]]) -> List[torch.Tensor]:
         if params is None:
@@ -264,6 +293,10 @@ class DifferentiableOptimizer:
                 f"step() got {len(params)} parameters, expected {self._num_params} "
                 "(one per reference parameter)"
             )
+        if self._stacked_shapes == [getattr(p, "shape", None) for p in params] and all(
+            isinstance(p, torch.Tensor) for p in params
+        ):
+            return params
         for i, (p, shape) in enumerate(zip(params, self._shapes)):
             if not isinstance(p, torch.Tensor):
                 raise TypeError(f"{self._label(i)} must be a tensor, got {type(p).__name__}")
