@@ -37,6 +37,29 @@ in Python floats, while the rules store them in the parameter's dtype and comput
 tensors. Trajectories then agree to float32 rounding of those scalars (about 1e-6 relative
 with the default float32), and to double rounding under a float64 default dtype.
 
+Multi-tensor variants: SGD, Adam and AdamW also have a ``*_foreach`` variant, registered as
+``UpdateRule.foreach``, that advances all the tensors of a parameter group in one call of each
+``torch._foreach_*`` op, as ``torch.optim.X(..., foreach=True)`` does. Each op is then one
+autograd node for the whole group instead of one per tensor, which shortens the backward pass
+through an unrolled inner loop. The optimizers run it in eager mode under torch.optim's
+numerics when every hyperparameter but ``lr`` is a Python value
+(``UpdateRule.select_foreach``); the single-tensor rule stays the reference and runs
+everywhere else: under ``torch.compile``, under higher's numerics, for tensor ``betas``,
+``momentum``..., for per-task values of a batched optimizer, and in the other optimizers.
+Which ``torch.optim`` path each is checked against, in the tests:
+
+=============================  ====================  ========================================
+optimizers                     eager path            compared with
+=============================  ====================  ========================================
+SGD, Adam, AdamW               ``*_foreach``         ``foreach=True`` (bit for bit) and the
+                                                     single-tensor rule (values, meta-grads)
+the others                     single-tensor rule    ``foreach=False``
+any, compiled or ``higher``    single-tensor rule    ``foreach=False`` (or higher 0.2.1)
+=============================  ====================  ========================================
+
+On CPU the two ``torch.optim`` paths run the same per-tensor kernels, so the variants round
+exactly as the single-tensor rules do.
+
 Numerics of higher 0.2.1: every optimizer higher shipped (SGD, Adam, Adadelta, Adagrad,
 Adamax, ASGD, RMSprop, Rprop) also has a ``*_higher`` variant next to its rule, registered as
 ``UpdateRule.higher``: the same formula with higher's order of operations, rounding and
