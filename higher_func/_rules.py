@@ -1358,11 +1358,12 @@ def sgd_foreach(
         grads = _foreach_axpy(grads, params, weight_decay)
     new_states = [dict(s) for s in states]
     if not _is_zero(momentum):
-        old = [s.get("momentum_buffer") for s in states]
-        if all(b is None for b in old):
+        old: list[Optional[Tensor]] = [s.get("momentum_buffer") for s in states]
+        present = [b for b in old if b is not None]
+        if not present:
             bufs = grads
-        elif all(b is not None for b in old):
-            bufs = _foreach_axpy(list(torch._foreach_mul(old, momentum)), grads, 1 - dampening)
+        elif len(present) == len(old):
+            bufs = _foreach_axpy(list(torch._foreach_mul(present, momentum)), grads, 1 - dampening)
         else:  # some tensors already have a buffer (a warm start with partial state)
             bufs = [
                 g if b is None else _axpy(b * momentum, g, 1 - dampening)

@@ -180,6 +180,8 @@ class DifferentiableOptimizer:
                 if other.state.get(p):
                     self.state[g][i] = import_state(other.state[p], device, self.num_tasks)
         self._num_params = len(fast_weights)
+        # Whether step()'s fast weights are the patched module's, in its order and shapes.
+        self._follows_module = fast_weights is not reference_params and fmodel is not None
         self._shapes = [p.shape for p in fast_weights]
         self._stacked_shapes = [
             s if self.num_tasks is None else torch.Size((self.num_tasks, *s)) for s in self._shapes
@@ -282,6 +284,8 @@ class DifferentiableOptimizer:
                     "weights (pass fmodel= when creating it, or params= to step)"
                 )
             params = self._fmodel.fast_params
+            if self._follows_module:
+                return list(params)  # the module's own weights, checked when they were set
         if isinstance(params, (dict, torch.Tensor)):
             raise TypeError(
                 "step(params=...) takes a list of tensors in reference_params order, got a "

@@ -807,3 +807,22 @@ def test_select_foreach_only_for_eager_torch_numerics_and_number_hyperparameters
     assert adam.select_foreach("higher", {"lr": 0.1}) is None
     assert RULES["sgd"].select_foreach("torch", {"lr": 0.1, "momentum": lr}) is None
     assert RULES["rprop"].select_foreach("torch", {"lr": 0.1}) is None
+
+
+@pytest.mark.parametrize(("name", "hyper"), FOREACH_CASES, ids=FOREACH_IDS)
+def test_foreach_with_partial_state_equals_single_tensor_rule(name, hyper):
+    """A group where only some tensors have state (a warm start from a torch.optim optimizer
+    that skipped a weight without gradient) still steps as the single-tensor rule does."""
+    dtype = torch.float64
+    data = _data(dtype)
+    params, states = _warm_states(name, hyper, _init_params(dtype), data, 2)
+    states[1] = {}
+    grads = _grads(lambda ps: _model_loss(ps, data), params)
+    single = _step_all(name, params, grads, states, hyper)
+    multi = _step_all_foreach(name, params, grads, states, hyper)
+    for ours, theirs in zip(multi[0], single[0]):
+        assert torch.equal(ours, theirs)
+    for ours, theirs in zip(multi[1], single[1]):
+        assert ours.keys() == theirs.keys()
+        for key, value in ours.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(theirs[key]))
