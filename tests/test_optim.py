@@ -384,6 +384,51 @@ def test_multi_tensor_steps_equal_torch_optim_foreach_bitwise(case, dtype, warm)
                 assert len({id(new_weights[i].grad_fn) for i in mapping}) == 1
 
 
+def test_step_records_its_own_results_without_rechecking(monkeypatch):
+    # The rule's results keep shape, dtype and device: the patched module takes them unchecked.
+    model = _mlp(torch.float32)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    batch = _batches(torch.float32, 1)[1]
+    with higher_func.innerloop_ctx(model, opt) as (fmodel, diffopt):
+
+        def refuse(self, params):
+            raise AssertionError("update_params re-checked the optimizer's own results")
+
+        monkeypatch.setattr(type(fmodel), "update_params", refuse)
+        new_weights = diffopt.step(_loss(fmodel, batch))
+        assert all(a is b for a, b in zip(fmodel.parameters(), new_weights))
+
+
+def test_step_checks_weights_passed_in_and_modules_without_record():
+    model = _mlp(torch.float32)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    batch = _batches(torch.float32, 1)[1]
+    with higher_func.innerloop_ctx(model, opt) as (fmodel, diffopt):
+        # Weights given to step() are checked by the module, and a failed step changes nothing.
+        doubles = [p.double() for p in fmodel.parameters()]
+        before = list(fmodel.parameters())
+        with pytest.raises((TypeError, ValueError), match="dtype|float"):
+            diffopt.step(doubles[0].sum() * 0 + _loss(fmodel, batch).double(), params=doubles)
+        assert all(a is b for a, b in zip(fmodel.parameters(), before))
+
+    class Recorder:
+        """A patched module of another library: only higher's public update_params."""
+
+        num_tasks = None
+
+        def __init__(self, params):
+            self.fast_params, self.updates = list(params), 0
+
+        def update_params(self, params):
+            self.fast_params, self.updates = list(params), self.updates + 1
+
+    weights = [p.detach().clone().requires_grad_() for p in model.parameters()]
+    recorder = Recorder(weights)
+    diffopt = higher_func.optim.get_diff_optim(opt, model.parameters(), fmodel=recorder)
+    new_weights = diffopt.step(sum((w**2).sum() for w in weights))
+    assert recorder.updates == 1 and recorder.fast_params == new_weights
+
+
 @over_cases
 def test_single_tensor_rule_runs_where_no_multi_tensor_one_applies(case):
     model = _mlp(torch.float64)
