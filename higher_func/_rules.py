@@ -1338,6 +1338,10 @@ def _foreach_safe_sqrt(xs: list[Tensor]) -> list[Tensor]:
     return list(torch._foreach_mul(torch._foreach_sqrt(torch._foreach_add(xs, zero)), nonzero))
 
 
+#: Dtypes whose CPU ``addcdiv`` rounds after each of its operations, as separate ops do.
+_ROUNDS_EVERY_OP = (torch.float32, torch.float64)
+
+
 def sgd_foreach(
     params: list[Tensor],
     grads: list[Tensor],
@@ -1429,6 +1433,14 @@ def adam_foreach(
     # for tensors of different shapes.
     if not _is_tensor(lr):
         step_sizes = [-(lr / (1 - beta1**t)) for t in steps]
+        if not all(p.dtype in _ROUNDS_EVERY_OP for p in params):
+            # float16 and bfloat16: addcdiv computes in float32 and rounds once, where three
+            # list operations would round three times.
+            new_params = [
+                torch.addcdiv(p, m, d, value=v)
+                for p, m, d, v in zip(params, exp_avgs, denoms, step_sizes)
+            ]
+            return new_params, new_states
         scaled = torch._foreach_mul(exp_avgs, step_sizes)
     else:
         # One tensor step size per distinct step (usually one for the whole group), so that

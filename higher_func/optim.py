@@ -8,7 +8,9 @@ here for every entry of ``OPTIMIZERS`` (``torch.optim`` class -> rule, in ``_rul
 module is the public surface; the mechanism lives in private modules, one idea each:
 ``_overrides`` (checking ``override=``), ``_state`` (state to and from ``torch.optim``),
 ``_hyperparams`` (trainable hyperparameters), ``_numerics`` (the numerics switch) and
-``_checks`` (argument checks shared with ``patch``).
+``_checks`` (argument checks shared with ``patch``). Where a rule has a multi-tensor variant
+(SGD, Adam, AdamW), a step calls it once per parameter group instead of once per weight: one
+autograd node per operation for the group, the same values (see ``_rules``).
 
 Example:
     >>> model = torch.nn.Linear(3, 1)
