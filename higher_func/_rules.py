@@ -37,6 +37,29 @@ in Python floats, while the rules store them in the parameter's dtype and comput
 tensors. Trajectories then agree to float32 rounding of those scalars (about 1e-6 relative
 with the default float32), and to double rounding under a float64 default dtype.
 
+Multi-tensor variants: SGD, Adam and AdamW also have a ``*_foreach`` variant, registered as
+``UpdateRule.foreach``, that advances all the tensors of a parameter group in one call of each
+``torch._foreach_*`` op, as ``torch.optim.X(..., foreach=True)`` does. Each op is then one
+autograd node for the whole group instead of one per tensor, which shortens the backward pass
+through an unrolled inner loop. The optimizers run it in eager mode under torch.optim's
+numerics when every hyperparameter but ``lr`` is a Python value
+(``UpdateRule.select_foreach``); the single-tensor rule stays the reference and runs
+everywhere else: under ``torch.compile``, under higher's numerics, for tensor ``betas``,
+``momentum``..., for per-task values of a batched optimizer, and in the other optimizers.
+Which ``torch.optim`` path each is checked against, in the tests:
+
+=============================  ====================  ========================================
+optimizers                     eager path            compared with
+=============================  ====================  ========================================
+SGD, Adam, AdamW               ``*_foreach``         ``foreach=True`` (bit for bit) and the
+                                                     single-tensor rule (values, meta-grads)
+the others                     single-tensor rule    ``foreach=False``
+any, compiled or ``higher``    single-tensor rule    ``foreach=False`` (or higher 0.2.1)
+=============================  ====================  ========================================
+
+On CPU the two ``torch.optim`` paths run the same per-tensor kernels, so the variants round
+exactly as the single-tensor rules do.
+
 Numerics of higher 0.2.1: every optimizer higher shipped (SGD, Adam, Adadelta, Adagrad,
 Adamax, ASGD, RMSprop, Rprop) also has a ``*_higher`` variant next to its rule, registered as
 ``UpdateRule.higher``: the same formula with higher's order of operations, rounding and
@@ -85,7 +108,9 @@ __all__ = [
     "adam_higher",
     "adamax",
     "adamax_higher",
+    "adam_foreach",
     "adamw",
+    "adamw_foreach",
     "asgd",
     "asgd_higher",
     "nadam",
@@ -95,6 +120,7 @@ __all__ = [
     "rprop",
     "rprop_higher",
     "sgd",
+    "sgd_foreach",
     "sgd_higher",
 ]
 
@@ -119,6 +145,7 @@ class UpdateRule(NamedTuple):
     update: Callable[..., tuple[Tensor, State]]
     hyperparameters: tuple[str, ...]
     higher: Optional[Callable[..., tuple[Tensor, State]]] = None
+    foreach: Optional[Callable[..., tuple[list[Tensor], list[State]]]] = None
 
     def select(self, numerics: str) -> Callable[..., tuple[Tensor, State]]:
         """The update to run under ``numerics`` (``"torch"`` or ``"higher"``).
@@ -129,6 +156,28 @@ class UpdateRule(NamedTuple):
         if numerics == "higher" and self.higher is not None:
             return self.higher
         return self.update
+
+    def select_foreach(
+        self, numerics: str, hyper: dict[str, Any]
+    ) -> Optional[Callable[..., tuple[list[Tensor], list[State]]]]:
+        """The multi-tensor update to run for one parameter group, or ``None`` when ``update``
+        (one call per tensor) must run instead.
+
+        The multi-tensor variant runs in eager mode under torch.optim's numerics when every
+        hyperparameter but ``lr`` is a Python value; ``update`` stays the reference
+        everywhere else: under ``torch.compile`` (Inductor fuses the per-tensor ops anyway),
+        under higher's numerics, and for tensor ``betas``, ``momentum``, ``eps``...
+        """
+        if self.foreach is None or numerics != "torch" or is_compiling():
+            return None
+        for key, value in hyper.items():
+            if key == "lr":
+                continue
+            if _is_tensor(value) or (
+                isinstance(value, tuple) and any(_is_tensor(v) for v in value)
+            ):
+                return None
+        return self.foreach
 
 
 # ---------------------------------------------------------------------------------------------
@@ -559,11 +608,7 @@ def adamw(
 
     Differs from higher: higher 0.2.1 has no differentiable AdamW.
     """
-    if decoupled_weight_decay is not True:
-        raise ValueError(
-            "AdamW always decouples weight decay (decoupled_weight_decay=True); got "
-            f"decoupled_weight_decay={decoupled_weight_decay!r}. Use Adam for coupled decay."
-        )
+    _check_decoupled(decoupled_weight_decay)
     return adam(
         param,
         grad,
@@ -576,6 +621,14 @@ def adamw(
         maximize=maximize,
         decoupled_weight_decay=True,
     )
+
+
+def _check_decoupled(decoupled_weight_decay: bool) -> None:
+    if decoupled_weight_decay is not True:
+        raise ValueError(
+            "AdamW always decouples weight decay (decoupled_weight_decay=True); got "
+            f"decoupled_weight_decay={decoupled_weight_decay!r}. Use Adam for coupled decay."
+        )
 
 
 def adadelta(
@@ -1247,26 +1300,217 @@ def _rectification(rho_t: Scalar, rho_inf: Scalar) -> Scalar:
     return ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
 
 
+# ---------------------------------------------------------------------------------------------
+# Multi-tensor variants. Each advances all the tensors of one parameter group at once with the
+# ``torch._foreach_*`` ops, as ``torch.optim.X(..., foreach=True)`` does: one autograd node per
+# operation for the whole group instead of one per tensor, which shortens the backward pass
+# through an unrolled loop (its main cost for small models). Same contract, hyperparameters
+# and state as the single-tensor rule, over lists: ``update(params, grads, states, **hyper) ->
+# (new_params, new_states)``. Values equal torch.optim's foreach path and the single-tensor
+# rule (on CPU both run the same per-tensor kernels; the tests check it bit for bit). A tensor
+# ``lr`` goes through list-by-list products with ``[lr] * n`` (``_foreach_mul`` with one tensor
+# has no derivative for that tensor in torch 2.13), in the single-tensor rule's order of
+# operations; ``UpdateRule.select_foreach`` says when these variants run.
+
+
+def _many(value: Any, n: int) -> list[Any]:
+    return [value] * n
+
+
+def _foreach_axpy(xs: list[Tensor], ys: list[Tensor], alpha: Scalar) -> list[Tensor]:
+    """``[x + alpha * y]``, rounded as :func:`_axpy` rounds it."""
+    if not _is_tensor(alpha):
+        return list(torch._foreach_add(xs, ys, alpha=alpha))
+    return list(torch._foreach_add(xs, torch._foreach_mul(_many(alpha, len(ys)), ys)))
+
+
+def _foreach_safe_sqrt(xs: list[Tensor]) -> list[Tensor]:
+    """:func:`_safe_sqrt` of every tensor: equal values, and derivative 0 where ``x == 0``.
+
+    Zeros are shifted to one before the root and the root is multiplied by 0 there (by 1
+    elsewhere, which changes no value): two list operations instead of two ``where`` per tensor.
+    """
+    if not any(x.requires_grad for x in xs):
+        return list(torch._foreach_sqrt(xs))
+    with torch.no_grad():
+        zero = [(x == 0).to(x.dtype) for x in xs]
+        nonzero = [1 - z for z in zero]
+    return list(torch._foreach_mul(torch._foreach_sqrt(torch._foreach_add(xs, zero)), nonzero))
+
+
+#: Dtypes whose CPU ``addcdiv`` rounds after each of its operations, as separate ops do.
+_ROUNDS_EVERY_OP = (torch.float32, torch.float64)
+
+
+def sgd_foreach(
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[State],
+    *,
+    lr: Scalar = 1e-3,
+    momentum: Scalar = 0,
+    dampening: Scalar = 0,
+    weight_decay: Scalar = 0,
+    nesterov: bool = False,
+    maximize: bool = False,
+) -> tuple[list[Tensor], list[State]]:
+    """:func:`sgd` for a list of tensors at once; compared with ``torch.optim.SGD(...,
+    foreach=True)``. Same arguments (over lists) and state."""
+    if maximize:
+        grads = list(torch._foreach_neg(grads))
+    if not _is_zero(weight_decay):
+        grads = _foreach_axpy(grads, params, weight_decay)
+    new_states = [dict(s) for s in states]
+    if not _is_zero(momentum):
+        old: list[Optional[Tensor]] = [s.get("momentum_buffer") for s in states]
+        present = [b for b in old if b is not None]
+        if not present:
+            bufs = grads
+        elif len(present) == len(old):
+            bufs = _foreach_axpy(list(torch._foreach_mul(present, momentum)), grads, 1 - dampening)
+        else:  # some tensors already have a buffer (a warm start with partial state)
+            bufs = [
+                g if b is None else _axpy(b * momentum, g, 1 - dampening)
+                for b, g in zip(old, grads)
+            ]
+        for s, b in zip(new_states, bufs):
+            s["momentum_buffer"] = b
+        grads = _foreach_axpy(grads, bufs, momentum) if nesterov else bufs
+    return _foreach_axpy(params, grads, -lr), new_states
+
+
+def adam_foreach(
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[State],
+    *,
+    lr: Scalar = 1e-3,
+    betas: tuple[Scalar, Scalar] = (0.9, 0.999),
+    eps: Scalar = 1e-8,
+    weight_decay: Scalar = 0,
+    amsgrad: bool = False,
+    maximize: bool = False,
+    decoupled_weight_decay: bool = False,
+) -> tuple[list[Tensor], list[State]]:
+    """:func:`adam` for a list of tensors at once; compared with ``torch.optim.Adam(...,
+    foreach=True)``. Same arguments (over lists; ``betas`` Python numbers) and state."""
+    beta1, beta2 = betas
+    n = len(params)
+    steps = [_next_step(s) for s in states]
+    if maximize:
+        grads = list(torch._foreach_neg(grads))
+    if not _is_zero(weight_decay):
+        if decoupled_weight_decay:
+            factor = 1 - lr * weight_decay
+            if _is_tensor(factor):
+                params = list(torch._foreach_mul(params, _many(factor, n)))
+            else:
+                params = list(torch._foreach_mul(params, factor))
+        else:
+            grads = _foreach_axpy(grads, params, weight_decay)
+    exp_avgs = [_zeros_like(s, "exp_avg", p) for s, p in zip(states, params)]
+    exp_avg_sqs = [_zeros_like(s, "exp_avg_sq", p) for s, p in zip(states, params)]
+    exp_avgs = list(torch._foreach_lerp(exp_avgs, grads, 1 - beta1))
+    exp_avg_sqs = list(
+        torch._foreach_addcmul(torch._foreach_mul(exp_avg_sqs, beta2), grads, grads, 1 - beta2)
+    )
+    new_states = [
+        {**s, "step": t, "exp_avg": m, "exp_avg_sq": v}
+        for s, t, m, v in zip(states, steps, exp_avgs, exp_avg_sqs)
+    ]
+    second_moments = exp_avg_sqs
+    if amsgrad:
+        maxima = [_zeros_like(s, "max_exp_avg_sq", p) for s, p in zip(states, params)]
+        second_moments = list(torch._foreach_maximum(maxima, exp_avg_sqs))
+        for s, v in zip(new_states, second_moments):
+            s["max_exp_avg_sq"] = v
+    bias_correction2_sqrt = [(1 - beta2**t) ** 0.5 for t in steps]
+    denoms = torch._foreach_add(
+        torch._foreach_div(_foreach_safe_sqrt(second_moments), bias_correction2_sqrt), eps
+    )
+    # ``param + step_size * exp_avg / denom``, in the order of operations (and so the rounding)
+    # of ``addcdiv``'s CPU kernel: ``_foreach_addcdiv`` has no working derivative in torch 2.13
+    # for tensors of different shapes.
+    if not _is_tensor(lr):
+        step_sizes = [-(lr / (1 - beta1**t)) for t in steps]
+        if not all(p.dtype in _ROUNDS_EVERY_OP for p in params):
+            # float16 and bfloat16: addcdiv computes in float32 and rounds once, where three
+            # list operations would round three times.
+            new_params = [
+                torch.addcdiv(p, m, d, value=v)
+                for p, m, d, v in zip(params, exp_avgs, denoms, step_sizes)
+            ]
+            return new_params, new_states
+        scaled = torch._foreach_mul(exp_avgs, step_sizes)
+    else:
+        # One tensor step size per distinct step (usually one for the whole group), so that
+        # the graph holds one node per operation, not one per tensor.
+        negated: dict[int, Tensor] = {}
+        for t in steps:
+            if t not in negated:
+                negated[t] = -(lr / (1 - beta1**t))
+        scaled = torch._foreach_mul([negated[t] for t in steps], exp_avgs)
+    return list(torch._foreach_add(params, torch._foreach_div(scaled, denoms))), new_states
+
+
+def adamw_foreach(
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[State],
+    *,
+    lr: Scalar = 1e-3,
+    betas: tuple[Scalar, Scalar] = (0.9, 0.999),
+    eps: Scalar = 1e-8,
+    weight_decay: Scalar = 1e-2,
+    amsgrad: bool = False,
+    maximize: bool = False,
+    decoupled_weight_decay: bool = True,
+) -> tuple[list[Tensor], list[State]]:
+    """:func:`adamw` for a list of tensors at once; compared with ``torch.optim.AdamW(...,
+    foreach=True)``.
+
+    Raises:
+        ValueError: if ``decoupled_weight_decay`` is not True.
+    """
+    _check_decoupled(decoupled_weight_decay)
+    return adam_foreach(
+        params,
+        grads,
+        states,
+        lr=lr,
+        betas=betas,
+        eps=eps,
+        weight_decay=weight_decay,
+        amsgrad=amsgrad,
+        maximize=maximize,
+        decoupled_weight_decay=True,
+    )
+
+
 def _rule(
     update: Callable[..., tuple[Tensor, State]],
     higher: Optional[Callable[..., tuple[Tensor, State]]] = None,
+    foreach: Optional[Callable[..., tuple[list[Tensor], list[State]]]] = None,
 ) -> UpdateRule:
     """Pair ``update`` with its keyword-only parameters, the one list of its hyperparameters,
-    and with its higher-numerics variant, which must take exactly the same ones."""
+    and with its higher-numerics and multi-tensor variants, which must take the same ones."""
     parameters = inspect.signature(update).parameters.values()
     keys = tuple(p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY)
-    if (
-        higher is not None
-        and inspect.signature(higher).parameters != inspect.signature(update).parameters
-    ):
-        raise TypeError(f"{higher.__name__} must take the same arguments as {update.__name__}")
-    return UpdateRule(update, keys, higher)
+    for variant in (higher, foreach):
+        if variant is None:
+            continue
+        other = inspect.signature(variant).parameters.values()
+        if tuple(p for p in other if p.kind is inspect.Parameter.KEYWORD_ONLY) != tuple(
+            p for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY
+        ):
+            raise TypeError(f"{variant.__name__} must take the same arguments as {update.__name__}")
+    return UpdateRule(update, keys, higher, foreach)
 
 
 OPTIMIZERS: dict[type[torch.optim.Optimizer], UpdateRule] = {
-    torch.optim.SGD: _rule(sgd, sgd_higher),
-    torch.optim.Adam: _rule(adam, adam_higher),
-    torch.optim.AdamW: _rule(adamw),
+    torch.optim.SGD: _rule(sgd, sgd_higher, sgd_foreach),
+    torch.optim.Adam: _rule(adam, adam_higher, adam_foreach),
+    torch.optim.AdamW: _rule(adamw, foreach=adamw_foreach),
     torch.optim.Adadelta: _rule(adadelta, adadelta_higher),
     torch.optim.Adagrad: _rule(adagrad, adagrad_higher),
     torch.optim.Adamax: _rule(adamax, adamax_higher),

@@ -8,7 +8,9 @@ here for every entry of ``OPTIMIZERS`` (``torch.optim`` class -> rule, in ``_rul
 module is the public surface; the mechanism lives in private modules, one idea each:
 ``_overrides`` (checking ``override=``), ``_state`` (state to and from ``torch.optim``),
 ``_hyperparams`` (trainable hyperparameters), ``_numerics`` (the numerics switch) and
-``_checks`` (argument checks shared with ``patch``).
+``_checks`` (argument checks shared with ``patch``). Where a rule has a multi-tensor variant
+(SGD, Adam, AdamW), a step calls it once per parameter group instead of once per weight: one
+autograd node per operation for the group, the same values (see ``_rules``).
 
 Example:
     >>> model = torch.nn.Linear(3, 1)
@@ -180,7 +182,12 @@ class DifferentiableOptimizer:
                 if other.state.get(p):
                     self.state[g][i] = import_state(other.state[p], device, self.num_tasks)
         self._num_params = len(fast_weights)
+        # Whether step()'s fast weights are the patched module's, in its order and shapes.
+        self._follows_module = fast_weights is not reference_params and fmodel is not None
         self._shapes = [p.shape for p in fast_weights]
+        self._stacked_shapes = [
+            s if self.num_tasks is None else torch.Size((self.num_tasks, *s)) for s in self._shapes
+        ]
         if override is not None:
             self._apply_override(override)
         self._grad_callback = grad_callback
@@ -219,6 +226,7 @@ class DifferentiableOptimizer:
         _no_unknown_options("step()", kwargs)
         if override is not None:
             override = self._check_override(override)
+        from_module = params is None
         params = self._current_params(params)
         self._check_loss(loss)
         grads = self._gradients(loss, params)
@@ -228,13 +236,17 @@ class DifferentiableOptimizer:
         # The update itself is a transaction too: if a rule or the patched module raises
         # (an override of the wrong type, KeyboardInterrupt...), groups and state roll back.
         saved_groups = [dict(group) for group in self.param_groups]
-        saved_state = [{i: dict(s) for i, s in states.items()} for states in self.state]
+        if type(self)._update is DifferentiableOptimizer._update:
+            # The rules return new per-parameter state dicts and never edit one in place.
+            saved_state = [dict(states) for states in self.state]
+        else:  # higher's subclasses write into them
+            saved_state = [{i: dict(s) for i, s in states.items()} for states in self.state]
         try:
             if override is not None:
                 self._apply_override(override)
             new_params = self._apply_updates(params, grads)
             if self._fmodel is not None:
-                self._fmodel.update_params(new_params)
+                self._record(params, new_params, from_module)
         except BaseException:
             for group, saved in zip(self.param_groups, saved_groups):
                 group.clear()
@@ -245,6 +257,27 @@ class DifferentiableOptimizer:
             raise
         return new_params
 
+    def _record(
+        self, params: List[torch.Tensor], new_params: List[torch.Tensor], from_module: bool
+    ) -> None:
+        """Make ``new_params`` the patched module's fast weights.
+
+        The rules keep every shape, device and (unless a tensor hyperparameter promotes it)
+        dtype, so the results of updating the module's own fast weights need none of
+        ``update_params``' checks: they go through the module's unchecked ``_record``. Weights
+        passed to ``step(params=...)``, and modules without ``_record`` (higher's own), take
+        the checked way.
+        """
+        record = getattr(self._fmodel, "_record", None)
+        if (
+            record is not None
+            and from_module
+            and all(new.dtype == old.dtype for new, old in zip(new_params, params))
+        ):
+            record(new_params)
+        else:
+            self._fmodel.update_params(new_params)  # type: ignore[union-attr]
+
     def _current_params(self, params: Optional[Iterable[torch.Tensor]]) -> List[torch.Tensor]:
         if params is None:
             if self._fmodel is None or self._fmodel.fast_params is None:
@@ -253,6 +286,8 @@ class DifferentiableOptimizer:
                     "weights (pass fmodel= when creating it, or params= to step)"
                 )
             params = self._fmodel.fast_params
+            if self._follows_module:
+                return list(params)  # the module's own weights, checked when they were set
         if isinstance(params, (dict, torch.Tensor)):
             raise TypeError(
                 "step(params=...) takes a list of tensors in reference_params order, got a "
@@ -264,6 +299,10 @@ class DifferentiableOptimizer:
                 f"step() got {len(params)} parameters, expected {self._num_params} "
                 "(one per reference parameter)"
             )
+        if self._stacked_shapes == [getattr(p, "shape", None) for p in params] and all(
+            isinstance(p, torch.Tensor) for p in params
+        ):
+            return params
         for i, (p, shape) in enumerate(zip(params, self._shapes)):
             if not isinstance(p, torch.Tensor):
                 raise TypeError(f"{self._label(i)} must be a tensor, got {type(p).__name__}")
@@ -350,7 +389,8 @@ class DifferentiableOptimizer:
             raise NotImplementedError(
                 f"{type(self).__name__} defines neither a `rule` nor an `_update` method"
             )
-        update = rule.select(_numerics.get_numerics())
+        mode = _numerics.get_numerics()
+        update = rule.select(mode)
         for group, grads, states in zip(self.param_groups, grouped_grads, self.state):
             hyper = {k: group[k] for k in rule.hyperparameters if k in group}
             # The task count when some hyperparameter holds one value per task, else None.
@@ -358,6 +398,21 @@ class DifferentiableOptimizer:
             if per_task is not None and not has_per_task(hyper, per_task):
                 per_task = None
             params = group["params"]
+            # One multi-tensor call for the group where the rule has one (see
+            # UpdateRule.select_foreach); per-task values need per-tensor broadcasting.
+            update_all = rule.select_foreach(mode, hyper) if per_task is None else None
+            if update_all is not None:
+                active = [i for i, g in enumerate(grads) if g is not None]
+                if active:
+                    new_params, new_states = update_all(
+                        [params[i] for i in active],
+                        [grads[i] for i in active],
+                        [states[i] for i in active],
+                        **hyper,
+                    )
+                    for i, p, s in zip(active, new_params, new_states):
+                        params[i], states[i] = p, s
+                continue
             for i, g in enumerate(grads):
                 if g is not None:
                     h = hyper

@@ -355,6 +355,107 @@ def test_trajectory_matches_torch_optim(case, dtype, warm):
     _check_trajectory(case, dtype, warm, rtol=1e-6)
 
 
+FOREACH_CASES = [c for c in CASES if _rules.OPTIMIZERS[c.opt_type].foreach is not None]
+
+
+@pytest.mark.parametrize("warm", [0, 3], ids=["fresh", "warm"])
+@over_dtypes
+@pytest.mark.parametrize("case", FOREACH_CASES, ids=lambda c: c.id)
+def test_multi_tensor_steps_equal_torch_optim_foreach_bitwise(case, dtype, warm):
+    """The optimizers with a multi-tensor rule run it, one call per group, and round exactly
+    as ``torch.optim.X(..., foreach=True)`` does."""
+    model = _mlp(dtype)
+    opt = case.make(model.parameters())
+    for group in opt.param_groups:
+        group["foreach"] = True
+    warmup, _ = _batches(dtype, warm, seed=5)
+    for batch in warmup:
+        _torch_step(model, opt, batch)
+    twin, twin_opt = copy.deepcopy((model, opt))
+    support, _ = _batches(dtype, STEPS)
+    with higher_func.innerloop_ctx(model, opt) as (fmodel, diffopt):
+        for batch in support:
+            new_weights = diffopt.step(_loss(fmodel, batch))
+            _torch_step(twin, twin_opt, batch)
+            for ours, theirs in zip(fmodel.parameters(), twin.parameters()):
+                assert torch.equal(ours, theirs)
+            # One autograd node per operation for a whole group: its weights share it.
+            for mapping in diffopt._group_to_param_list:
+                assert len({id(new_weights[i].grad_fn) for i in mapping}) == 1
+
+
+def test_step_records_its_own_results_without_rechecking(monkeypatch):
+    # The rule's results keep shape, dtype and device: the patched module takes them unchecked.
+    model = _mlp(torch.float32)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    batch = _batches(torch.float32, 1)[1]
+    with higher_func.innerloop_ctx(model, opt) as (fmodel, diffopt):
+
+        def refuse(self, params):
+            raise AssertionError("update_params re-checked the optimizer's own results")
+
+        monkeypatch.setattr(type(fmodel), "update_params", refuse)
+        new_weights = diffopt.step(_loss(fmodel, batch))
+        assert all(a is b for a, b in zip(fmodel.parameters(), new_weights))
+
+
+def test_step_checks_weights_passed_in_and_modules_without_record():
+    model = _mlp(torch.float32)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    batch = _batches(torch.float32, 1)[1]
+    with higher_func.innerloop_ctx(model, opt) as (fmodel, diffopt):
+        # Weights given to step() are checked by the module, and a failed step changes nothing.
+        doubles = [p.double() for p in fmodel.parameters()]
+        before = list(fmodel.parameters())
+        with pytest.raises((TypeError, ValueError), match="dtype|float"):
+            diffopt.step(doubles[0].sum() * 0 + _loss(fmodel, batch).double(), params=doubles)
+        assert all(a is b for a, b in zip(fmodel.parameters(), before))
+
+    class Recorder:
+        """A patched module of another library: only higher's public update_params."""
+
+        num_tasks = None
+
+        def __init__(self, params):
+            self.fast_params, self.updates = list(params), 0
+
+        def update_params(self, params):
+            self.fast_params, self.updates = list(params), self.updates + 1
+
+    weights = [p.detach().clone().requires_grad_() for p in model.parameters()]
+    recorder = Recorder(weights)
+    diffopt = higher_func.optim.get_diff_optim(opt, model.parameters(), fmodel=recorder)
+    new_weights = diffopt.step(sum((w**2).sum() for w in weights))
+    assert recorder.updates == 1 and recorder.fast_params == new_weights
+
+
+@over_cases
+def test_single_tensor_rule_runs_where_no_multi_tensor_one_applies(case):
+    model = _mlp(torch.float64)
+    opt = case.make(model.parameters())
+    lr = torch.tensor(0.01, dtype=torch.float64, requires_grad=True)
+    override = {"lr": [lr]}
+    if _rules.OPTIMIZERS[case.opt_type].foreach is not None:
+        # A tensor beta (or momentum) is not one the multi-tensor rules take.
+        key = "betas" if "betas" in opt.defaults else "momentum"
+        value = opt.defaults[key]
+        override = {
+            key: [
+                tuple(torch.tensor(float(v)) for v in value)
+                if key == "betas"
+                else torch.tensor(float(value) or 0.5)
+            ]
+        }
+    support, _ = _batches(torch.float64, 2)
+    with higher_func.innerloop_ctx(model, opt, override=override) as (fmodel, diffopt):
+        for batch in support:
+            new_weights = diffopt.step(_loss(fmodel, batch))
+            assert len({id(w.grad_fn) for w in new_weights}) == len(new_weights)
+        with higher_func.optim.numerics("higher"):
+            new_weights = diffopt.step(_loss(fmodel, support[0]))
+            assert len({id(w.grad_fn) for w in new_weights}) == len(new_weights)
+
+
 #: Optimizers whose torch.optim kernel keeps a scalar state in float32 whatever the weights'
 #: dtype (ASGD's eta and mu, NAdam's mu_product), which the rules keep as Python floats.
 TORCH_ROUNDS_TO_FLOAT32 = (torch.optim.ASGD, torch.optim.NAdam)

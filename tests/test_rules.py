@@ -464,15 +464,16 @@ def test_trajectory_property(name, data):
 # Differentiability: second order, tensor hyperparameters, no NaN, no mutation.
 
 
-def _unroll(name, hyper, params, states, data, steps=3):
-    """Meta-objective: a validation loss after ``steps`` differentiable inner steps."""
+def _unroll(name, hyper, params, states, data, steps=3, step_all=None):
+    """Meta-objective: a validation loss after ``steps`` differentiable inner steps (of the
+    single-tensor rule, or of ``step_all``)."""
 
     def train_loss(ps):
         return _model_loss(ps, data)
 
     for _ in range(steps):
         grads = _grads(train_loss, params, create_graph=True)
-        params, states = _step_all(name, params, grads, states, hyper)
+        params, states = (step_all or _step_all)(name, params, grads, states, hyper)
     validation = _model_loss(params, (data[0].flip(0), data[1]))
     return validation + 0.1 * sum((p**2).sum() for p in params), states
 
@@ -702,3 +703,126 @@ def test_elementwise_hyperparameters_equal_one_run_per_coordinate(name, hyper, n
         for grad in grads:
             single, single_state = rule(single, grad[i : i + 1], single_state, **coordinate(i))
         torch.testing.assert_close(batched[i : i + 1], single, rtol=1e-12, atol=1e-14)
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-tensor variants (UpdateRule.foreach): equal to torch.optim's foreach path and to the
+# single-tensor rule, values and meta-gradients.
+
+FOREACH_CASES = [(name, hyper) for name, hyper in CASES if RULES[name].foreach is not None]
+FOREACH_IDS = [f"{name}-{i}" for i, (name, _) in enumerate(FOREACH_CASES)]
+
+
+def _step_all_foreach(name, params, grads, states, hyper):
+    params, states = RULES[name].foreach(list(params), list(grads), list(states), **hyper)
+    return list(params), list(states)
+
+
+def test_foreach_variants_cover_torch_optims_foreach_paths():
+    # Every optimizer with a multi-tensor variant here has a foreach kernel in torch.optim to
+    # compare it with, and the ones the issue asked for have one.
+    with_foreach = {name for name, rule in RULES.items() if rule.foreach is not None}
+    assert {"sgd", "adam", "adamw"} <= with_foreach
+    for name in with_foreach:
+        assert "foreach" in inspect.signature(OPTIMIZERS[name]).parameters
+        assert any(n == name for n, _ in FOREACH_CASES)
+
+
+@pytest.mark.parametrize("warm_steps", [0, 3], ids=["cold", "warm"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize(("name", "hyper"), FOREACH_CASES, ids=FOREACH_IDS)
+def test_foreach_trajectory_equals_torch_optim_foreach(name, hyper, dtype, warm_steps):
+    """Bit for bit: the same kernels in the same order as ``torch.optim.X(foreach=True)``."""
+    data = _data(dtype)
+    generator = torch.Generator().manual_seed(3)
+    # Several shapes, some long enough for the vectorised CPU kernels.
+    params = [torch.randn(*shape, generator=generator, dtype=dtype) for shape in [(3, 40), (40,)]]
+
+    def loss_fn(ps):
+        weight, bias = ps
+        return ((torch.tanh(data[0] @ weight + bias).sum(-1) - data[1]) ** 2).mean()
+
+    with _default_dtype(dtype):
+        leaves = [p.clone().requires_grad_() for p in params]
+        optimizer = OPTIMIZERS[name](leaves, **hyper, foreach=True)
+        ours, states = [p.clone() for p in params], [{} for _ in params]
+        if warm_steps:
+            _run_torch(optimizer, loss_fn, leaves, warm_steps)
+            ours = [p.detach().clone() for p in leaves]
+            states = [_import_state(optimizer.state[p]) for p in leaves]
+        theirs = _run_torch(optimizer, loss_fn, leaves, STEPS)
+        trajectory = []
+        for _ in range(STEPS):
+            ours, states = _step_all_foreach(name, ours, _grads(loss_fn, ours), states, hyper)
+            trajectory.append(ours)
+    _assert_trajectories_close(trajectory, theirs, rtol=0, atol=0)
+    for state, leaf in zip(states, leaves):
+        _assert_states_close(state, optimizer.state[leaf], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("tensor_lr", [False, True], ids=["float-lr", "tensor-lr"])
+@pytest.mark.parametrize(("name", "hyper"), FOREACH_CASES, ids=FOREACH_IDS)
+def test_foreach_meta_gradients_equal_single_tensor_rule(name, hyper, tensor_lr):
+    dtype = torch.float64
+    data = _data(dtype)
+    lr = float(_all_hyperparameters(name, hyper)["lr"])
+    results = []
+    for step_all in (_step_all, _step_all_foreach):
+        initial = [p.requires_grad_() for p in _init_params(dtype)]
+        leaves = list(initial)
+        if tensor_lr:
+            leaves.append(torch.tensor(lr, dtype=dtype, requires_grad=True))
+        run_hyper = {**hyper, "lr": leaves[-1] if tensor_lr else lr}
+        states = [{} for _ in initial]
+        objective, _ = _unroll(name, run_hyper, initial, states, data, 4, step_all)
+        results.append((objective, torch.autograd.grad(objective, leaves)))
+    (single, single_grads), (multi, multi_grads) = results
+    assert torch.equal(multi, single)
+    torch.testing.assert_close(multi_grads, single_grads, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize(("name", "hyper"), FOREACH_CASES, ids=FOREACH_IDS)
+def test_foreach_gradcheck_through_unrolled_steps(name, hyper):
+    """Float64 gradcheck of a 3-step multi-tensor unroll w.r.t. the initial params and a
+    tensor lr, including a coordinate whose second moment stays exactly 0."""
+    dtype = torch.float64
+    data = _data(dtype, dead_feature=True)
+
+    def meta_objective(lr, *initial):
+        states = [{} for _ in initial]
+        run_hyper = {**hyper, "lr": lr}
+        return _unroll(name, run_hyper, list(initial), states, data, 3, _step_all_foreach)[0]
+
+    lr = torch.tensor(float(_all_hyperparameters(name, hyper)["lr"]), dtype=dtype)
+    inputs = (lr.requires_grad_(), *(p.requires_grad_() for p in _init_params(dtype)))
+    assert torch.autograd.gradcheck(meta_objective, inputs)
+
+
+def test_select_foreach_only_for_eager_torch_numerics_and_number_hyperparameters():
+    adam = RULES["adam"]
+    lr = torch.tensor(0.1, requires_grad=True)
+    assert adam.select_foreach("torch", {"lr": 0.1, "betas": (0.9, 0.99)}) is adam.foreach
+    assert adam.select_foreach("torch", {"lr": lr, "betas": (0.9, 0.99)}) is adam.foreach
+    assert adam.select_foreach("torch", {"lr": 0.1, "betas": (lr, 0.99)}) is None
+    assert adam.select_foreach("higher", {"lr": 0.1}) is None
+    assert RULES["sgd"].select_foreach("torch", {"lr": 0.1, "momentum": lr}) is None
+    assert RULES["rprop"].select_foreach("torch", {"lr": 0.1}) is None
+
+
+@pytest.mark.parametrize(("name", "hyper"), FOREACH_CASES, ids=FOREACH_IDS)
+def test_foreach_with_partial_state_equals_single_tensor_rule(name, hyper):
+    """A group where only some tensors have state (a warm start from a torch.optim optimizer
+    that skipped a weight without gradient) still steps as the single-tensor rule does."""
+    dtype = torch.float64
+    data = _data(dtype)
+    params, states = _warm_states(name, hyper, _init_params(dtype), data, 2)
+    states[1] = {}
+    grads = _grads(lambda ps: _model_loss(ps, data), params)
+    single = _step_all(name, params, grads, states, hyper)
+    multi = _step_all_foreach(name, params, grads, states, hyper)
+    for ours, theirs in zip(multi[0], single[0]):
+        assert torch.equal(ours, theirs)
+    for ours, theirs in zip(multi[1], single[1]):
+        assert ours.keys() == theirs.keys()
+        for key, value in ours.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(theirs[key]))
