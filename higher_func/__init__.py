@@ -19,7 +19,6 @@ import torch as _torch
 
 from . import optim, patch, utils
 from ._batching import BatchingFallbackWarning
-from ._compat import is_compiling as _is_compiling
 from ._compile import compile
 from .optim import create_diff_optim, get_diff_optim, register_optim
 from .patch import monkeypatch
@@ -110,19 +109,14 @@ def innerloop_ctx(
         num_tasks=num_tasks,
         randomness=randomness,
     )
-    # Under torch.compile, the optimizer's untracked steps would make each step's weights new
-    # leaves (detach().requires_grad_()), and Dynamo refuses to return anything computed from
-    # such a leaf. A first-order step computes the same values without create_graph; the
-    # untracked patch then cuts the graph after every step in a form Dynamo accepts.
-    untracked_compiled = not track_higher_grads and _is_compiling()
     diffopt = optim.get_diff_optim(
         opt,
         model.parameters(),
         fmodel=fmodel,
         device=device,
         override=override,
-        track_higher_grads=track_higher_grads or untracked_compiled,
-        first_order=first_order or untracked_compiled,
+        track_higher_grads=track_higher_grads,
+        first_order=first_order,
         num_tasks=num_tasks,
     )
     yield fmodel, diffopt

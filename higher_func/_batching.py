@@ -212,7 +212,10 @@ def _split_tensors(tree: Any) -> Tuple[List[torch.Tensor], Callable[[List[Any]],
 
 
 def _holds_tensors(value: Any) -> bool:
-    """Whether an object that is not a pytree node keeps tensors in its attributes."""
+    """Whether an object that is not a pytree node keeps tensors in its attributes (not
+    checked while compiling: Dynamo cannot look into every object's __dict__)."""
+    if value is None or type(value) in (bool, int, float, str) or is_compiling():
+        return False
     attributes = getattr(value, "__dict__", None)
     if not isinstance(attributes, dict) or isinstance(value, (type, torch.nn.Module)):
         return False

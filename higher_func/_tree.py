@@ -31,6 +31,8 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
+from ._compat import is_compiling
+
 # nn.Module's own bookkeeping containers (parameters, buffers, children, hooks, the set of
 # non-persistent buffers): each copy gets its own, so nothing done to a copy reaches the
 # user's module. Everything else in a module's __dict__ is shared with the original.
@@ -105,17 +107,23 @@ def _shallow_copy(module: nn.Module, containers: Dict[int, Any]) -> nn.Module:
     for key in _BOOKKEEPING:
         if key in original:
             state[key] = containers[id(original[key])] = original[key].copy()
-    # Attributes kept in __slots__, not in __dict__ (mypy: torch types Module.__hash__ oddly).
-    for slot in _slot_names(type(module)):  # type: ignore[arg-type]
+    for slot in _slot_names(type(module)):  # attributes kept in __slots__, not in __dict__
         if hasattr(module, slot):
             object.__setattr__(copy, slot, getattr(module, slot))
     return copy
 
 
-@functools.lru_cache(maxsize=4096)
+_SLOT_NAMES: Dict[type, Tuple[str, ...]] = {}
+
+
 def _slot_names(cls: type) -> Tuple[str, ...]:
-    names = (slot for klass in cls.__mro__ for slot in getattr(klass, "__slots__", ()))
-    return tuple(n for n in names if n not in ("__dict__", "__weakref__"))
+    names = _SLOT_NAMES.get(cls)  # a plain dict, not lru_cache: Dynamo traces this
+    if names is None:
+        every = (slot for klass in cls.__mro__ for slot in getattr(klass, "__slots__", ()))
+        names = tuple(n for n in every if n not in ("__dict__", "__weakref__"))
+        if not is_compiling():
+            _SLOT_NAMES[cls] = names
+    return names
 
 
 class _Private:

@@ -50,10 +50,11 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional,
 
 import torch
 
-from . import _numerics, _rules
+from . import _compile, _numerics, _rules
 from . import patch as _patch
 from ._batching import check_num_tasks
 from ._checks import check_bool, check_task
+from ._compat import is_compiling
 from ._hyperparams import apply_trainable_opt_params, get_trainable_opt_params
 from ._numerics import get_numerics, numerics
 from ._overrides import (
@@ -375,7 +376,9 @@ class DifferentiableOptimizer:
             for i, p in zip(mapping, group["params"]):
                 new_params[i] = p
         if not self._track_higher_grads:
-            new_params = [p.detach().requires_grad_(p.requires_grad) for p in new_params]
+            # New leaves; while compiling, in the form Dynamo can return (see new_leaf).
+            leaf = _compile.new_leaf if is_compiling() else _new_leaf
+            new_params = [leaf(p, p.requires_grad) for p in new_params]
             self.detach_state()
             # group["params"] must not keep the undetached results (and the step before) alive.
             for group, mapping in zip(self.param_groups, self._group_to_param_list):
@@ -746,3 +749,7 @@ def _module_parameters(fmodel: Any, reference_params: List[torch.Tensor]) -> Lis
             "that was patched (all of them, or the trainable ones)"
         )
     return list(originals)
+
+
+def _new_leaf(tensor: torch.Tensor, requires_grad: bool) -> torch.Tensor:
+    return tensor.detach().requires_grad_(requires_grad)
