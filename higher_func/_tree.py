@@ -255,7 +255,6 @@ class ModuleTree:
         self._param_slots, self._buffer_slots = params.slots, buffers.slots
         self.buffer_slot_keys = {(id(d), k) for d, k, _ in self._buffer_slots}
         # The first slot of each distinct tensor, to read it back.
-        self._first_param_slot = {i: (d, k) for d, k, i in reversed(self._param_slots)}
         self._first_buffer_slot = {i: (d, k) for d, k, i in reversed(self._buffer_slots)}
         # RNNBase reads its weights from a `_flat_weights` list, not from `_parameters`.
         self._rnns = [c for c in self.copies.values() if "_flat_weights_names" in c.__dict__]
@@ -311,10 +310,6 @@ class ModuleTree:
             rnn.__dict__["_flat_weights"] = [
                 getattr(rnn, name) for name in rnn.__dict__["_flat_weights_names"]
             ]
-
-    def read_params(self) -> List[torch.Tensor]:
-        first = self._first_param_slot
-        return [first[i][0][first[i][1]] for i in range(len(self.params))]
 
     def write_buffers(self, buffers: Sequence[torch.Tensor]) -> None:
         for holder, key, i in self._buffer_slots:
