@@ -18,6 +18,7 @@ import time
 import torch
 
 from . import plot, report, scaling
+from .entry import EntryResult
 from .memory import MemoryResult
 from .targets import evaluate
 from .workloads import WORKLOADS, Settings
@@ -84,6 +85,8 @@ def main(argv=None) -> int:
         results[workload] = result
         if isinstance(result, MemoryResult):
             print("\n" + report.memory_table(result))
+        elif isinstance(result, EntryResult):
+            print("\n" + result.table())
         else:
             print("\n" + report.timing_table(result))
         report.write_json(output, workload, result.to_json(), info)

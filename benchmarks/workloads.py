@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Callable, Dict, Mapping, Optional
 
-from . import hyperlr, maml, memory, omniglot, sinusoid
+from . import entry, hyperlr, maml, memory, omniglot, sinusoid
 from .paths import HIGHER, ORDER, Path, first_call
 from .report import TimingResult
 from .timing import interleaved
@@ -88,6 +88,13 @@ def _w3(settings: Settings, log) -> TimingResult:
     return timed("W3", title, asdict(sizes), paths, 1e-3, settings.rounds_or(21), log)
 
 
+def _e1(settings: Settings, log) -> entry.EntryResult:
+    tasks = sinusoid.QUICK.tasks if settings.quick else sinusoid.FULL.tasks
+    rounds = settings.rounds_or(21)
+    log(f"E1: {rounds} interleaved rounds of entering innerloop_ctx for {tasks} tasks")
+    return entry.measure(tasks, rounds)
+
+
 def _m1(settings: Settings, log) -> memory.MemoryResult:
     log("M1: peak tensor memory with 20 tracked inner steps")
     return memory.tracked(steps=20, tasks=4 if settings.quick else sinusoid.FULL.tasks)
@@ -104,6 +111,7 @@ WORKLOADS: Dict[str, Workload] = {
         Workload("W1", "sinusoid MAML", _w1),
         Workload("W2", "Omniglot-shape MAML", _w2),
         Workload("W3", "hyperparameter learning", _w3),
+        Workload("E1", "entering innerloop_ctx", _e1),
         Workload("M1", "memory, tracked", _m1),
         Workload("M2", "memory, untracked", _m2),
     ]

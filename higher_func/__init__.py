@@ -111,7 +111,7 @@ def innerloop_ctx(
     )
     diffopt = optim.get_diff_optim(
         opt,
-        model.parameters(),
+        fmodel._hf_tree.params,  # model.parameters(), as resolved when patching it
         fmodel=fmodel,
         device=device,
         override=override,

@@ -40,7 +40,7 @@ _BOOKKEEPING = tuple(
     key for key, value in nn.Module().__dict__.items() if isinstance(value, (dict, set))
 )
 _BOOKKEEPING_SET = frozenset(_BOOKKEEPING)
-_HOOK_DICTS = tuple(key for key in _BOOKKEEPING if key.endswith("hooks"))
+_HOOK_DICTS_SET = frozenset(key for key in _BOOKKEEPING if key.endswith("hooks"))
 
 _Slot = Tuple[Dict[str, Any], str, int]  # (the dict holding it, key, index among distinct)
 
@@ -93,9 +93,10 @@ def _refuse_checkpoint(module: nn.Module, args: Any) -> None:
         )
 
 
-def _shallow_copy(module: nn.Module, containers: Dict[int, Any]) -> nn.Module:
-    """A copy of ``module`` sharing everything but nn.Module's bookkeeping containers (each
-    recorded in ``containers`` as ``id(original) -> copy``)."""
+def _shallow_copy(module: nn.Module, containers: Dict[int, Any]) -> Tuple[nn.Module, List[str]]:
+    """A copy of ``module`` sharing everything but nn.Module's bookkeeping containers, and the
+    keys that the private pass must look at (see ``_Private.own``). Each hook dict copied
+    that holds hooks is recorded in ``containers`` as ``id(original) -> copy``."""
     if isinstance(module, torch.jit.ScriptModule):
         raise TypeError(
             f"cannot patch the TorchScript module {type(module).__name__}: patch the Python "
@@ -103,14 +104,21 @@ def _shallow_copy(module: nn.Module, containers: Dict[int, Any]) -> nn.Module:
         )
     copy = object.__new__(type(module))
     state, original = copy.__dict__, module.__dict__
-    state.update(original)
-    for key in _BOOKKEEPING:
-        if key in original:
-            state[key] = containers[id(original[key])] = original[key].copy()
+    shared = []  # hook dicts with hooks in them, and attributes that are not plain values
+    for key, value in original.items():  # one pass: this runs per submodule per patch
+        if key in _BOOKKEEPING_SET:
+            state[key] = own = value.copy()
+            if value and key in _HOOK_DICTS_SET:
+                shared.append(key)
+                containers[id(value)] = own  # for the handles that remove a hook from it
+        else:
+            state[key] = value
+            if type(value) not in _IMMUTABLE:
+                shared.append(key)
     for slot in _slot_names(type(module)):  # attributes kept in __slots__, not in __dict__
         if hasattr(module, slot):
             object.__setattr__(copy, slot, getattr(module, slot))
-    return copy
+    return copy, shared
 
 
 _SLOT_NAMES: Dict[type, Tuple[str, ...]] = {}
@@ -181,20 +189,21 @@ class _Private:
         )
         return new
 
-    def own(self, copy: nn.Module) -> None:
+    def own(self, copy: nn.Module, shared: List[str]) -> None:
+        """Point the ``shared`` attributes of ``copy`` (as ``_shallow_copy`` lists them) into
+        the patch."""
         state = copy.__dict__
-        for key, value in state.items():
-            if type(value) not in _IMMUTABLE and key not in _BOOKKEEPING_SET:
-                state[key] = self(value)
-        for key in _HOOK_DICTS:  # rebind hooks that are bound methods of a module
-            hooks = state.get(key)
-            if hooks:
+        for key in shared:
+            if key in _HOOK_DICTS_SET:  # rebind hooks that are bound methods of a module
+                hooks = state[key]
                 for hook_id, hook in hooks.items():
                     hooks[hook_id] = self(hook)
-        # nn.Module.compile() binds a compiled call to the original module: the copy runs its
-        # own forward (compile the meta-step with higher_func.compile instead).
-        if state.get("_compiled_call_impl") is not None:
-            state["_compiled_call_impl"] = None
+            elif key == "_compiled_call_impl":
+                # nn.Module.compile() binds a compiled call to the original module: the copy
+                # runs its own forward (compile the meta-step with higher_func.compile).
+                state[key] = None
+            else:
+                state[key] = self(state[key])
 
 
 _UNSEEN = object()
@@ -242,10 +251,13 @@ class ModuleTree:
         self.buffers_as_attributes = compiling
         params, buffers = _Tensors(), _Tensors()
         self._containers: Dict[int, Any] = {}
+        self._shared: List[Tuple[nn.Module, List[str]]] = []  # what the private pass visits
         self.root = self._copy(module, "", params, buffers)
-        private = _Private(self.copies, self._containers)
-        for copy in self.copies.values():
-            private.own(copy)
+        if self._shared:
+            private = _Private(self.copies, self._containers)
+            for copy, shared in self._shared:
+                private.own(copy, shared)
+        del self._shared
         self.param_names, self.params, self.param_index = (
             params.names,
             params.originals,
@@ -275,16 +287,22 @@ class ModuleTree:
         copy = self.copies.get(id(module))
         first = copy is None
         if first:
-            copy = self.copies[id(module)] = _shallow_copy(module, self._containers)
+            copy, shared = _shallow_copy(module, self._containers)
+            self.copies[id(module)] = copy
+            if shared:
+                self._shared.append((copy, shared))
         state = copy.__dict__
         for key, p in module._parameters.items():
-            if isinstance(p, nn.parameter.UninitializedParameter):
+            if p is None:
+                continue
+            # (Not isinstance(p, UninitializedParameter): Parameter's metaclass makes that a
+            # Python-level check, run for every parameter of every patch.)
+            if nn.parameter.is_lazy(p):
                 raise TypeError(
                     f"{prefix + key} of {type(module).__name__} is not initialized yet (a lazy "
                     "module): run one forward on the module before patching it"
                 )
-            if p is not None:
-                params.add(prefix + key, p, state["_parameters"] if first else None, key)
+            params.add(prefix + key, p, state["_parameters"] if first else None, key)
         for key, b in module._buffers.items():
             if b is not None:
                 if first and self.buffers_as_attributes:

@@ -179,10 +179,12 @@ class DifferentiableOptimizer:
             self.param_groups.append({**hyper, "params": [None] * len(indices)})
             self._group_to_param_list.append(indices)
             self.state.append(collections.defaultdict(dict))
-            for i, p in enumerate(group["params"]):
-                if other.state.get(p):
-                    self.state[g][i] = import_state(other.state[p], device, self.num_tasks)
+            if other.state:  # (a fresh SGD or Adam has none: skip hashing every tensor)
+                for i, p in enumerate(group["params"]):
+                    if other.state.get(p):
+                        self.state[g][i] = import_state(other.state[p], device, self.num_tasks)
         self._num_params = len(fast_weights)
+        self._one_group_in_order = self._group_to_param_list == [list(range(len(fast_weights)))]
         # Whether step()'s fast weights are the patched module's, in its order and shapes.
         self._follows_module = fast_weights is not reference_params and fmodel is not None
         self._shapes = [p.shape for p in fast_weights]
@@ -316,7 +318,8 @@ class DifferentiableOptimizer:
 
     def _label(self, i: int) -> str:
         """How errors name the i-th weight: by its module name when a patched module is known."""
-        names = getattr(getattr(self._fmodel, "_plan", None), "param_names", None)
+        tree = getattr(self._fmodel, "_hf_tree", None)
+        names = None if tree is None else tree.param_names
         return f"parameter {names[i]!r}" if names else f"parameter {i}"
 
     def _check_loss(self, loss: torch.Tensor) -> None:
@@ -359,6 +362,8 @@ class DifferentiableOptimizer:
                 "the loss does not depend on any fast weight: compute it with the patched "
                 "module (fmodel(x)), not the original one"
             )
+        if len(found) == len(params):
+            return list(found)
         for i, g in zip(trainable, found):
             grads[i] = g
         return grads
@@ -366,15 +371,21 @@ class DifferentiableOptimizer:
     def _apply_updates(
         self, params: List[torch.Tensor], grads: List[Optional[torch.Tensor]]
     ) -> List[torch.Tensor]:
-        grouped_grads = []
-        for group, mapping in zip(self.param_groups, self._group_to_param_list):
-            group["params"] = [params[i] for i in mapping]
-            grouped_grads.append([grads[i] for i in mapping])
-        self._update(grouped_grads)
-        new_params = list(params)
-        for group, mapping in zip(self.param_groups, self._group_to_param_list):
-            for i, p in zip(mapping, group["params"]):
-                new_params[i] = p
+        if self._one_group_in_order:  # the usual case: nothing to regroup
+            group = self.param_groups[0]
+            group["params"] = list(params)
+            self._update([grads])
+            new_params = list(group["params"])
+        else:
+            grouped_grads = []
+            for group, mapping in zip(self.param_groups, self._group_to_param_list):
+                group["params"] = [params[i] for i in mapping]
+                grouped_grads.append([grads[i] for i in mapping])
+            self._update(grouped_grads)
+            new_params = list(params)
+            for group, mapping in zip(self.param_groups, self._group_to_param_list):
+                for i, p in zip(mapping, group["params"]):
+                    new_params[i] = p
         if not self._track_higher_grads:
             # New leaves; while compiling, in the form Dynamo can return (see new_leaf).
             leaf = _compile.new_leaf if is_compiling() else _new_leaf
@@ -406,15 +417,19 @@ class DifferentiableOptimizer:
             update_all = rule.select_foreach(mode, hyper) if per_task is None else None
             if update_all is not None:
                 active = [i for i, g in enumerate(grads) if g is not None]
-                if active:
-                    new_params, new_states = update_all(
+                if len(active) == len(grads):  # (the usual case: no gathering)
+                    results = update_all(params, grads, [states[i] for i in active], **hyper)
+                elif active:
+                    results = update_all(
                         [params[i] for i in active],
                         [grads[i] for i in active],
                         [states[i] for i in active],
                         **hyper,
                     )
-                    for i, p, s in zip(active, new_params, new_states):
-                        params[i], states[i] = p, s
+                else:
+                    continue
+                for i, p, s in zip(active, *results):
+                    params[i], states[i] = p, s
                 continue
             for i, g in enumerate(grads):
                 if g is not None:
@@ -733,10 +748,14 @@ def _module_parameters(fmodel: Any, reference_params: List[torch.Tensor]) -> Lis
     Raises:
         ValueError: some reference parameters belong to the patched module and some do not.
     """
-    root = getattr(fmodel, "_root", None)
-    originals = getattr(getattr(root, "_plan", None), "params", None)
+    tree = getattr(fmodel, "_hf_tree", None)  # None for higher's own patched modules
+    originals = None if tree is None else tree.params
     if not originals:
         return reference_params
+    if len(reference_params) == len(originals) and all(
+        r is o for r, o in zip(reference_params, originals)
+    ):
+        return list(originals)  # the usual case, checked without a set
     own = {id(p) for p in originals}
     found = [id(p) in own for p in reference_params]
     if not any(found):

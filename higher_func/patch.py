@@ -105,8 +105,9 @@ class _MonkeyPatchBase:
         state["_hf_device"] = device
         state["_fast_params"] = None
         state["_track_higher_grads"] = True
-        buffers = [self._stack(b.detach()) for b in tree.buffers]
-        tree.write_buffers(buffers if device is None else [b.to(device) for b in buffers])
+        if tree.buffers:
+            buffers = [self._stack(b.detach()) for b in tree.buffers]
+            tree.write_buffers(buffers if device is None else [b.to(device) for b in buffers])
 
     @property
     def _plan(self) -> _ModuleTree:  # names and originals, for the optimizers' messages
