@@ -95,8 +95,8 @@ def _refuse_checkpoint(module: nn.Module, args: Any) -> None:
 
 def _shallow_copy(module: nn.Module, containers: Dict[int, Any]) -> Tuple[nn.Module, List[str]]:
     """A copy of ``module`` sharing everything but nn.Module's bookkeeping containers, and the
-    keys that the private pass must look at (see ``_Private.own``). Each hook dict copied
-    that holds hooks is recorded in ``containers`` as ``id(original) -> copy``."""
+    keys that the private pass must look at (see ``_Private.own``). Each hook dict copied is
+    recorded in ``containers`` as ``id(original) -> copy``."""
     if isinstance(module, torch.jit.ScriptModule):
         raise TypeError(
             f"cannot patch the TorchScript module {type(module).__name__}: patch the Python "
@@ -108,9 +108,11 @@ def _shallow_copy(module: nn.Module, containers: Dict[int, Any]) -> Tuple[nn.Mod
     for key, value in original.items():  # one pass: this runs per submodule per patch
         if key in _BOOKKEEPING_SET:
             state[key] = own = value.copy()
-            if value and key in _HOOK_DICTS_SET:
-                shared.append(key)
-                containers[id(value)] = own  # for the handles that remove a hook from it
+            if key in _HOOK_DICTS_SET:
+                # For the handles that remove a hook: their extra dicts may be empty ones.
+                containers[id(value)] = own
+                if value:
+                    shared.append(key)
         else:
             state[key] = value
             if type(value) not in _IMMUTABLE:
@@ -295,9 +297,9 @@ class ModuleTree:
         for key, p in module._parameters.items():
             if p is None:
                 continue
-            # (Not isinstance(p, UninitializedParameter): Parameter's metaclass makes that a
-            # Python-level check, run for every parameter of every patch.)
-            if nn.parameter.is_lazy(p):
+            # (isinstance with Parameter's metaclass runs Python code: plain Parameters, the
+            # usual case, skip it.)
+            if type(p) is not nn.Parameter and isinstance(p, nn.parameter.UninitializedParameter):
                 raise TypeError(
                     f"{prefix + key} of {type(module).__name__} is not initialized yet (a lazy "
                     "module): run one forward on the module before patching it"
