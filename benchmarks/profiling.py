@@ -54,6 +54,9 @@ def python_profile(path: Path, steps: int, top: int) -> str:
         f"    {calls / steps:,.0f} Python calls and {1e3 * total / steps:.1f} ms own time "
         "per meta-step (under cProfile)\n"
     )
+    shares = _own_time_by_package(stats)
+    shown = ", ".join(f"{package} {1e3 * t / steps:.1f}" for package, t in shares.items() if t)
+    out.write(f"    own ms per meta-step by package: {shown}\n")
     out.write(f"    {'own ms/step':>11} {'calls/step':>10} {'us/call':>8}  function\n")
     for (filename, line, name), (_, ncalls, tottime, _, _) in rows:
         where = _short(filename)
@@ -62,6 +65,29 @@ def python_profile(path: Path, steps: int, top: int) -> str:
             f"{1e6 * tottime / ncalls:8.2f}  {name} ({where}:{line})\n"
         )
     return out.getvalue()
+
+
+# Where a Python function's own time is charged, by the first marker in its file name.
+PACKAGES = {
+    "higher_func": "/higher_func/",
+    "higher": "/higher/",
+    "torch.nn modules": "/torch/nn/modules/",
+    "autograd engine": None,  # the C++ backward, called as run_backward
+}
+
+
+def _own_time_by_package(stats: pstats.Stats) -> Dict[str, float]:
+    """Seconds of own time of the functions of each of ``PACKAGES``, and of the rest."""
+    shares = dict.fromkeys([*PACKAGES, "rest"], 0.0)
+    for (filename, _, name), (_, _, tottime, _, _) in stats.stats.items():
+        if name == "<method 'run_backward' of 'torch._C._EngineBase' objects>":
+            shares["autograd engine"] += tottime
+            continue
+        package = next(
+            (p for p, marker in PACKAGES.items() if marker and marker in filename), "rest"
+        )
+        shares[package] += tottime
+    return shares
 
 
 def op_stats(path: Path, steps: int) -> Tuple[Mapping[str, float], Mapping[str, float]]:

@@ -412,9 +412,11 @@ class DifferentiableOptimizer:
             if per_task is not None and not has_per_task(hyper, per_task):
                 per_task = None
             params = group["params"]
-            # One multi-tensor call for the group where the rule has one (see
-            # UpdateRule.select_foreach); per-task values need per-tensor broadcasting.
-            update_all = rule.select_foreach(mode, hyper) if per_task is None else None
+            # One multi-tensor call for the group where the rule has one and the group takes
+            # it (see _multi_tensor); per-task values need per-tensor broadcasting.
+            update_all = None
+            if per_task is None and self._multi_tensor(group):
+                update_all = rule.select_foreach(mode, hyper)
             if update_all is not None:
                 active = [i for i, g in enumerate(grads) if g is not None]
                 if len(active) == len(grads):  # (the usual case: no gathering)
@@ -437,6 +439,21 @@ class DifferentiableOptimizer:
                     if per_task is not None:
                         h = broadcast_per_task(hyper, params[i].dim(), per_task)
                     params[i], states[i] = update(params[i], g, states[i], **h)
+
+    def _multi_tensor(self, group: Dict[str, Any]) -> bool:
+        """Whether ``group`` may step with its rule's multi-tensor variant.
+
+        As its ``foreach`` option says when the optimizer was built with one; by default only
+        for steps nothing is differentiated through (``track_higher_grads=False``). In torch
+        2.13 every ``torch._foreach_*`` op saves its input lists for backward, gradients
+        included, where the single-tensor ops save none: tracked, the multi-tensor steps kept
+        a copy of every step's gradients alive until the meta-backward (peak memory of a W1
+        meta-step +49%, of a W3 one +73%) for a 2% (SGD) to 30% (Adam) faster legacy loop.
+        """
+        choice = group.get("foreach")
+        if choice is not None:
+            return bool(choice)
+        return not self._track_higher_grads
 
     # -- overrides ---------------------------------------------------------------------------------
     def _check_override(self, override: Any) -> _OverrideType:

@@ -384,6 +384,37 @@ def test_multi_tensor_steps_equal_torch_optim_foreach_bitwise(case, dtype, warm)
                 assert len({id(new_weights[i].grad_fn) for i in mapping}) == 1
 
 
+@pytest.mark.parametrize("case", FOREACH_CASES, ids=lambda c: c.id)
+def test_multi_tensor_rule_runs_by_default_only_where_nothing_is_differentiated(case):
+    """Tracked, the single-tensor rule runs unless the optimizer asks for ``foreach=True``:
+    torch's multi-tensor ops save their inputs, the step's gradients included, for backward
+    (the single-tensor ops save none), which would keep every step's gradients alive until
+    the meta-backward."""
+    model = _mlp(torch.float64)
+    batch = _batches(torch.float64, 1)[1]
+    rule = higher_func.optim._opt_mapping[case.opt_type].rule
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return rule.foreach(*args, **kwargs)
+
+    for foreach, track, multi in [
+        (None, True, False),
+        (None, False, True),
+        (True, True, True),
+        (False, False, False),
+    ]:
+        opt = case.make(model.parameters())
+        for group in opt.param_groups:
+            group["foreach"] = foreach
+        with higher_func.innerloop_ctx(model, opt, track_higher_grads=track) as (fmodel, diffopt):
+            diffopt.rule = rule._replace(foreach=spy)
+            calls.clear()
+            diffopt.step(_loss(fmodel, batch))
+            assert bool(calls) == multi, (foreach, track)
+
+
 def test_step_records_its_own_results_without_rechecking(monkeypatch):
     # The rule's results keep shape, dtype and device: the patched module takes them unchecked.
     model = _mlp(torch.float32)
@@ -1366,3 +1397,21 @@ def test_batched_elementwise_learning_rates_equal_a_loop_over_tasks(layout, opt_
                 d.step(((f(x[t]) - y[t]) ** 2).mean())
             for stacked, single in zip(batched, f.parameters(), strict=True):
                 torch.testing.assert_close(stacked[t], single, rtol=1e-6, atol=1e-7)
+
+
+def test_torch_multi_tensor_ops_still_save_their_inputs():
+    """Why tracked steps take the single-tensor rule by default (``_multi_tensor``): if a
+    torch release stops saving the inputs of ``_foreach_add``, this fails and the default
+    can be revisited."""
+    weights = [torch.randn(4, 4, requires_grad=True), torch.randn(4, requires_grad=True)]
+    grads = [torch.randn(4, 4, requires_grad=True), torch.randn(4, requires_grad=True)]
+
+    def saved_by(step):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            step()
+        return saved
+
+    assert saved_by(lambda: [torch.add(w, g, alpha=-0.1) for w, g in zip(weights, grads)]) == []
+    saved = saved_by(lambda: torch._foreach_add(weights, grads, alpha=-0.1))
+    assert any(s is g for s in saved for g in grads)
