@@ -40,10 +40,11 @@ with the default float32), and to double rounding under a float64 default dtype.
 Multi-tensor variants: SGD, Adam and AdamW also have a ``*_foreach`` variant, registered as
 ``UpdateRule.foreach``, that advances all the tensors of a parameter group in one call of each
 ``torch._foreach_*`` op, as ``torch.optim.X(..., foreach=True)`` does. Each op is then one
-autograd node for the whole group instead of one per tensor, which shortens the backward pass
-through an unrolled inner loop. The optimizers run it in eager mode under torch.optim's
-numerics when every hyperparameter but ``lr`` is a Python value
-(``UpdateRule.select_foreach``); the single-tensor rule stays the reference and runs
+autograd node for the whole group instead of one per tensor: fewer, larger operations. The
+optimizers run it in eager mode under torch.optim's numerics when every hyperparameter but
+``lr`` is a Python value (``UpdateRule.select_foreach``) and the group takes it (by default
+only for untracked steps: torch's multi-tensor ops save their inputs for backward, see
+``DifferentiableOptimizer._multi_tensor``); the single-tensor rule stays the reference and runs
 everywhere else: under ``torch.compile``, under higher's numerics, for tensor ``betas``,
 ``momentum``..., for per-task values of a batched optimizer, and in the other optimizers.
 Which ``torch.optim`` path each is checked against, in the tests:

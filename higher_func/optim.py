@@ -9,8 +9,10 @@ module is the public surface; the mechanism lives in private modules, one idea e
 ``_overrides`` (checking ``override=``), ``_state`` (state to and from ``torch.optim``),
 ``_hyperparams`` (trainable hyperparameters), ``_numerics`` (the numerics switch) and
 ``_checks`` (argument checks shared with ``patch``). Where a rule has a multi-tensor variant
-(SGD, Adam, AdamW), a step calls it once per parameter group instead of once per weight: one
-autograd node per operation for the group, the same values (see ``_rules``).
+(SGD, Adam, AdamW), a step that nothing is differentiated through (or any step of an
+optimizer built with ``foreach=True``) calls it once per parameter group instead of once per
+weight: one autograd node per operation for the group, the same values (see ``_rules`` and
+``DifferentiableOptimizer._multi_tensor``).
 
 Example:
     >>> model = torch.nn.Linear(3, 1)
