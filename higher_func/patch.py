@@ -109,14 +109,6 @@ class _MonkeyPatchBase:
             buffers = [self._stack(b.detach()) for b in tree.buffers]
             tree.write_buffers(buffers if device is None else [b.to(device) for b in buffers])
 
-    @property
-    def _plan(self) -> _ModuleTree:  # names and originals, for the optimizers' messages
-        return self._hf_tree
-
-    @property
-    def _root(self) -> "_MonkeyPatchBase":
-        return self
-
     def __deepcopy__(self, memo: dict) -> Any:
         raise TypeError(
             "deepcopy of a patched module is not supported (its fast weights are part of an "
