@@ -18,12 +18,9 @@ import argparse
 import sys
 from typing import List
 
-import higher
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-import higher_func
 
 from . import maml, sinusoid
 from .paths import HIGHER, LEGACY, Path, first_call
@@ -64,17 +61,6 @@ def _bare_path(name: str, problem: maml.Maml, foreach: bool) -> Path:
     return Path(name, step, params)
 
 
-def _legacy_path(name: str, library, problem: maml.Maml) -> Path:
-    model = problem.make_model()
-    inner = torch.optim.SGD(model.parameters(), lr=problem.inner_lr)
-    outer = torch.optim.Adam(model.parameters(), lr=problem.outer_lr)
-
-    def step() -> None:
-        maml.legacy_meta_step(library, model, inner, outer, problem)
-
-    return Path(name, step, list(model.parameters()))
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.floor", description=__doc__)
     parser.add_argument("--rounds", type=int, default=21)
@@ -82,8 +68,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     problem = sinusoid.problem()
     paths = {
-        HIGHER: _legacy_path(HIGHER, higher, problem),
-        LEGACY: _legacy_path(LEGACY, higher_func, problem),
+        **maml.build(problem, (HIGHER, LEGACY)),
         BARE: _bare_path(BARE, problem, foreach=False),
         BARE_FOREACH: _bare_path(BARE_FOREACH, problem, foreach=True),
     }

@@ -67,25 +67,25 @@ def python_profile(path: Path, steps: int, top: int) -> str:
     return out.getvalue()
 
 
-# Where a Python function's own time is charged, by the first marker in its file name.
+# Where a Python function's own time is charged, by the first marker in its file name; the
+# C++ autograd engine (called as run_backward) and everything else get a line of their own.
 PACKAGES = {
     "higher_func": "/higher_func/",
     "higher": "/higher/",
     "torch.nn modules": "/torch/nn/modules/",
-    "autograd engine": None,  # the C++ backward, called as run_backward
 }
+ENGINE = "<method 'run_backward' of 'torch._C._EngineBase' objects>"
 
 
 def _own_time_by_package(stats: pstats.Stats) -> Dict[str, float]:
-    """Seconds of own time of the functions of each of ``PACKAGES``, and of the rest."""
-    shares = dict.fromkeys([*PACKAGES, "rest"], 0.0)
+    """Seconds of own time of the functions of each of ``PACKAGES``, of the autograd engine,
+    and of the rest."""
+    shares = dict.fromkeys([*PACKAGES, "autograd engine", "rest"], 0.0)
     for (filename, _, name), (_, _, tottime, _, _) in stats.stats.items():
-        if name == "<method 'run_backward' of 'torch._C._EngineBase' objects>":
+        if name == ENGINE:
             shares["autograd engine"] += tottime
             continue
-        package = next(
-            (p for p, marker in PACKAGES.items() if marker and marker in filename), "rest"
-        )
+        package = next((p for p, marker in PACKAGES.items() if marker in filename), "rest")
         shares[package] += tottime
     return shares
 

@@ -253,13 +253,12 @@ class ModuleTree:
         self.buffers_as_attributes = compiling
         params, buffers = _Tensors(), _Tensors()
         self._containers: Dict[int, Any] = {}
-        self._shared: List[Tuple[nn.Module, List[str]]] = []  # what the private pass visits
-        self.root = self._copy(module, "", params, buffers)
-        if self._shared:
+        shared: List[Tuple[nn.Module, List[str]]] = []  # what the private pass visits
+        self.root = self._copy(module, "", params, buffers, shared)
+        if shared:
             private = _Private(self.copies, self._containers)
-            for copy, shared in self._shared:
-                private.own(copy, shared)
-        del self._shared
+            for copy, keys in shared:
+                private.own(copy, keys)
         self.param_names, self.params, self.param_index = (
             params.names,
             params.originals,
@@ -283,16 +282,23 @@ class ModuleTree:
                 if copy._parameters:
                     copy.register_forward_pre_hook(_refuse_checkpoint)
 
-    def _copy(self, module: nn.Module, prefix: str, params: _Tensors, buffers: _Tensors):
+    def _copy(
+        self,
+        module: nn.Module,
+        prefix: str,
+        params: _Tensors,
+        buffers: _Tensors,
+        shared: List[Tuple[nn.Module, List[str]]],
+    ):
         # One pass in the order of module.named_parameters(remove_duplicate=False): the copy
         # of a submodule reachable under two names is made once, its names recorded twice.
         copy = self.copies.get(id(module))
         first = copy is None
         if first:
-            copy, shared = _shallow_copy(module, self._containers)
+            copy, keys = _shallow_copy(module, self._containers)
             self.copies[id(module)] = copy
-            if shared:
-                self._shared.append((copy, shared))
+            if keys:
+                shared.append((copy, keys))
         state = copy.__dict__
         for key, p in module._parameters.items():
             if p is None:
@@ -315,7 +321,7 @@ class ModuleTree:
         children = state["_modules"]
         for name, child in module._modules.items():
             if child is not None:
-                child_copy = self._copy(child, prefix + name + ".", params, buffers)
+                child_copy = self._copy(child, prefix + name + ".", params, buffers, shared)
                 if first:
                     children[name] = child_copy
         return copy

@@ -274,6 +274,13 @@ def _dropout_model() -> nn.Module:
     return nn.Sequential(nn.Linear(4, 64), nn.Dropout(0.5)).double()
 
 
+def _loop_over_dropout(patcher: pytest.MonkeyPatch) -> None:
+    """Make patches of models with Dropout loop over tasks, as if vmap could not run them."""
+    patcher.setattr(
+        _batching, "_unbatchable", lambda m: "test" if isinstance(m, nn.Dropout) else None
+    )
+
+
 def _masks(fmodel, x) -> torch.Tensor:
     """Which outputs each task dropped, for one input shared by all tasks."""
     return fmodel(x, in_dims=(None,)) == 0
@@ -283,9 +290,7 @@ def _masks(fmodel, x) -> torch.Tensor:
 def test_default_randomness_draws_each_task_its_own_mask(mode, monkeypatch, fresh_warnings):
     model = _dropout_model()
     if mode == "loop":
-        monkeypatch.setattr(
-            _batching, "_unbatchable", lambda m: "test" if isinstance(m, nn.Dropout) else None
-        )
+        _loop_over_dropout(monkeypatch)
     with pytest.warns(BatchingFallbackWarning) if mode == "loop" else _no_warning():
         fmodel = higher_func.monkeypatch(model, num_tasks=8)
     assert higher_func.patch.batching(fmodel).mode == mode
@@ -302,9 +307,7 @@ def test_looped_randomness_is_the_loops_own():
     model = _dropout_model()
     x = torch.ones(50, 4, dtype=DTYPE)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(
-            _batching, "_unbatchable", lambda m: "test" if isinstance(m, nn.Dropout) else None
-        )
+        _loop_over_dropout(patch)
         patch.setattr(_batching, "_warned", set())
         with pytest.warns(BatchingFallbackWarning):
             fmodel = higher_func.monkeypatch(model, num_tasks=3)
@@ -320,9 +323,7 @@ def test_looped_randomness_is_the_loops_own():
 def test_same_and_error_randomness(mode, monkeypatch, fresh_warnings):
     model = _dropout_model()
     if mode == "loop":
-        monkeypatch.setattr(
-            _batching, "_unbatchable", lambda m: "test" if isinstance(m, nn.Dropout) else None
-        )
+        _loop_over_dropout(monkeypatch)
         monkeypatch.setattr(_batching, "_warn_once", lambda key, message: None)
     x = torch.ones(100, 4, dtype=DTYPE)
     same = higher_func.monkeypatch(model, num_tasks=4, randomness="same")
