@@ -6,15 +6,34 @@ from typing import Any, Optional
 
 import torch
 
-__all__ = ["KeyErrorSentence", "check_bool", "check_task", "same_device"]
+__all__ = ["UnknownKeyError", "check_bool", "check_task", "same_device"]
 
 
-class KeyErrorSentence(KeyError):
-    """A ``KeyError`` (what callers catch for a wrong key, as with higher) whose message prints
-    as written: a plain ``KeyError`` prints the quoted repr of its argument."""
+class UnknownKeyError(KeyError):
+    """A key that names nothing it should: a ``params`` dict whose names are not the module's
+    parameters, a buffer name the patched module does not have, an ``override`` key that is not
+    a hyperparameter of the optimizer.
+
+    A ``KeyError``, what callers catch for a wrong key (as with higher), whose message prints
+    as written: a plain ``KeyError`` prints the quoted repr of its argument.
+
+    Example:
+        >>> import higher_func
+        >>> model = torch.nn.Linear(2, 1)
+        >>> fmodel = higher_func.monkeypatch(model)
+        >>> try:
+        ...     fmodel(torch.ones(2), params={"weight": model.weight, "scale": model.bias})
+        ... except KeyError as error:
+        ...     print(type(error).__name__, error)  # doctest: +ELLIPSIS
+        UnknownKeyError params dict does not match the module's parameters: unknown ['scale'], ...
+    """
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+# Tracebacks name the class where users import it from, not this private module.
+UnknownKeyError.__module__ = "higher_func"
 
 
 def check_bool(name: str, value: Any) -> bool:

@@ -25,13 +25,24 @@ from torch.nn.modules.batchnorm import _BatchNorm as BatchNorm
 from torch.utils import _pytree as pytree
 
 __all__ = [
+    "ALLOW_RNN",
     "BatchNorm",
     "MIN_TORCH",
     "TRACE_AUTOGRAD_OPS",
     "can_trace_autograd",
+    "drop_accumulated_grad",
+    "foreach_add",
+    "foreach_addcmul",
+    "foreach_div",
+    "foreach_lerp",
+    "foreach_maximum",
+    "foreach_mul",
+    "foreach_neg",
+    "foreach_sqrt",
     "is_compiling",
     "pytree",
     "tracing_autograd",
+    "tracing_rnns",
 ]
 
 # Dynamo traces torch.autograd.grad (the inner steps) only with this config option on. It was
@@ -59,6 +70,59 @@ def tracing_autograd() -> contextlib.AbstractContextManager[None]:
         True
     """
     return torch._dynamo.config.patch(TRACE_AUTOGRAD_OPS, True)
+
+
+# Dynamo refuses nn.RNN/GRU/LSTM ("Attempted to wrap RNN, GRU, or LSTM") unless this config
+# option is on; with it, it traces their forward op by op. No public switch exists; the option
+# is in every torch that has ``TRACE_AUTOGRAD_OPS`` (so in every torch ``higher_func.compile``
+# runs on).
+ALLOW_RNN = "allow_rnn"
+
+
+def tracing_rnns() -> contextlib.AbstractContextManager[None]:
+    """A context in which Dynamo traces recurrent modules; the option is restored on exit.
+
+    Example:
+        >>> with tracing_rnns():
+        ...     getattr(torch._dynamo.config, ALLOW_RNN)
+        True
+    """
+    return torch._dynamo.config.patch(ALLOW_RNN, True)
+
+
+# torch.optim's multi-tensor kernels (``foreach=True``): one op, and one autograd node, over a
+# list of tensors. There is no public name for them. They exist since torch 1.7 (``lerp`` since
+# 2.0); autograd formulas for them came with torch 2.1, so on torch 2.0 a tracked step cannot
+# take them (tests/test_compat.py checks both). Out-of-place forms only: the rules never write
+# into their inputs.
+foreach_add = torch._foreach_add
+foreach_addcmul = torch._foreach_addcmul
+foreach_div = torch._foreach_div
+foreach_lerp = torch._foreach_lerp
+foreach_maximum = torch._foreach_maximum
+foreach_mul = torch._foreach_mul
+foreach_neg = torch._foreach_neg
+foreach_sqrt = torch._foreach_sqrt
+
+
+def drop_accumulated_grad(leaf: torch.Tensor) -> None:
+    """Make every gradient that backward accumulates into ``leaf`` vanish as it lands.
+
+    Example:
+        >>> leaf = torch.zeros((), requires_grad=True)
+        >>> drop_accumulated_grad(leaf)
+        >>> (leaf * 2).backward()
+        >>> leaf.grad is None
+        True
+    """
+    # Public since torch 2.1; torch 2.0 has no hook after accumulation, and there its only
+    # user (higher_func.compile's zero) is never reached, since compiling needs torch 2.11.
+    if hasattr(leaf, "register_post_accumulate_grad_hook"):
+        leaf.register_post_accumulate_grad_hook(_forget_grad)
+
+
+def _forget_grad(leaf: torch.Tensor) -> None:
+    leaf.grad = None
 
 
 def _not_compiling() -> bool:

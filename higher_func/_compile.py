@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from typing import Any, Callable, Optional
 
@@ -17,8 +16,10 @@ from ._batching import attention_fastpath_off
 # the same values, and gradients with respect to them work, but Dynamo sees a tensor derived
 # from an input of the graph, which it may return, instead of a leaf created inside the graph,
 # which it may not ("returning intermediate with requires_grad_()"). A gradient that would
-# have reached those leaves reaches this zero instead, where nobody reads it.
+# have reached those new leaves reaches this zero instead; it is dropped as soon as it lands,
+# so this process-wide tensor holds no ``.grad`` that every meta-step and thread would share.
 _ZERO = torch.zeros((), requires_grad=True)
+_compat.drop_accumulated_grad(_ZERO)
 
 
 def new_leaf(tensor: torch.Tensor, requires_grad: bool) -> torch.Tensor:
@@ -32,8 +33,8 @@ def compile(fn: Optional[Callable[..., Any]] = None, **compile_kwargs: Any) -> C
     """Compile a function that runs inner loops (``innerloop_ctx``, ``diffopt.step``) as one
     graph, with ``torch.compile(fullgraph=True)``.
 
-    The inner steps call ``torch.autograd.grad``, which Dynamo only traces when
-    ``torch._dynamo.config.trace_autograd_ops`` is on; this turns it on while the compiled
+    The inner steps call ``torch.autograd.grad``, which Dynamo only traces when its
+    ``trace_autograd_ops`` option is on; this turns it on while the compiled
     function runs, never globally. ``fullgraph=True`` is not optional: without it Dynamo may
     quietly run a frame that calls ``torch.autograd.grad`` eagerly, so a graph break is an error
     here instead of a silent slowdown.
@@ -77,7 +78,7 @@ def compile(fn: Optional[Callable[..., Any]] = None, **compile_kwargs: Any) -> C
         return functools.partial(compile, **compile_kwargs)
     if not _compat.can_trace_autograd():
         raise RuntimeError(
-            f"higher_func.compile needs torch >= {_compat.MIN_TORCH} (torch._dynamo.config."
+            f"higher_func.compile needs torch >= {_compat.MIN_TORCH} (Dynamo's option "
             f"{_compat.TRACE_AUTOGRAD_OPS}, to trace torch.autograd.grad); the installed torch "
             f"is {torch.__version__}"
         )
@@ -93,16 +94,7 @@ def compile(fn: Optional[Callable[..., Any]] = None, **compile_kwargs: Any) -> C
         # The attention fast path is off for the whole compiled call: batched patches turn
         # it off around each vmapped call in eager code (see _batching), which Dynamo does not
         # trace.
-        with _compat.tracing_autograd(), _tracing_rnns(), attention_fastpath_off():
+        with _compat.tracing_autograd(), _compat.tracing_rnns(), attention_fastpath_off():
             return compiled(*args, **kwargs)
 
     return run
-
-
-def _tracing_rnns() -> contextlib.AbstractContextManager[Any]:
-    # Dynamo refuses nn.RNN/GRU/LSTM ("Attempted to wrap RNN, GRU, or LSTM") unless this
-    # option is on; with it, it traces their forward op by op. The zoo's recurrent models
-    # compile with it and match eager (tests/test_compile.py).
-    if hasattr(torch._dynamo.config, "allow_rnn"):
-        return torch._dynamo.config.patch(allow_rnn=True)
-    return contextlib.nullcontext()

@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from ._checks import KeyErrorSentence
+from ._checks import UnknownKeyError
 from ._compat import pytree
 
 __all__ = [
@@ -75,7 +75,7 @@ def check_override(
     for key, values in override.items():
         if key == "params" or key not in groups[0]:
             known = sorted(k for k in groups[0] if k != "params")
-            raise KeyErrorSentence(
+            raise UnknownKeyError(
                 f"override names {key!r}, which is not a hyperparameter of this optimizer; "
                 f"its hyperparameters are {known}"
             )

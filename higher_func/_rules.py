@@ -39,15 +39,15 @@ with the default float32), and to double rounding under a float64 default dtype.
 
 Multi-tensor variants: SGD, Adam and AdamW also have a ``*_foreach`` variant, registered as
 ``UpdateRule.foreach``, that advances all the tensors of a parameter group in one call of each
-``torch._foreach_*`` op, as ``torch.optim.X(..., foreach=True)`` does. Each op is then one
-autograd node for the whole group instead of one per tensor: fewer, larger operations. The
-optimizers run it in eager mode under torch.optim's numerics when every hyperparameter but
-``lr`` is a Python value (``UpdateRule.select_foreach``) and the group takes it (by default
-only for untracked steps: torch's multi-tensor ops save their inputs for backward, see
-``DifferentiableOptimizer._multi_tensor``); the single-tensor rule stays the reference and runs
-everywhere else: under ``torch.compile``, under higher's numerics, for tensor ``betas``,
-``momentum``..., for per-task values of a batched optimizer, and in the other optimizers.
-Which ``torch.optim`` path each is checked against, in the tests:
+multi-tensor op (``_compat.foreach_*``), as ``torch.optim.X(..., foreach=True)`` does. Each op
+is then one autograd node for the whole group instead of one per tensor: fewer, larger
+operations. The optimizers run it in eager mode under torch.optim's numerics when every
+hyperparameter but ``lr`` is a Python value (``UpdateRule.select_foreach``) and the group takes
+it (by default only for untracked steps: torch's multi-tensor ops save their inputs for
+backward, see ``DifferentiableOptimizer._multi_tensor``); the single-tensor rule stays the
+reference and runs everywhere else: under ``torch.compile``, under higher's numerics, for tensor
+``betas``, ``momentum``..., for per-task values of a batched optimizer, and in the other
+optimizers. Which ``torch.optim`` path each is checked against, in the tests:
 
 =============================  ====================  ========================================
 optimizers                     eager path            compared with
@@ -95,6 +95,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from . import _compat
 from ._compat import is_compiling
 
 __all__ = [
@@ -1302,16 +1303,16 @@ def _rectification(rho_t: Scalar, rho_inf: Scalar) -> Scalar:
 
 
 # ---------------------------------------------------------------------------------------------
-# Multi-tensor variants. Each advances all the tensors of one parameter group at once with the
-# ``torch._foreach_*`` ops, as ``torch.optim.X(..., foreach=True)`` does: one autograd node per
-# operation for the whole group instead of one per tensor, which shortens the backward pass
-# through an unrolled loop (its main cost for small models). Same contract, hyperparameters
-# and state as the single-tensor rule, over lists: ``update(params, grads, states, **hyper) ->
-# (new_params, new_states)``. Values equal torch.optim's foreach path and the single-tensor
-# rule (on CPU both run the same per-tensor kernels; the tests check it bit for bit). A tensor
-# ``lr`` goes through list-by-list products with ``[lr] * n`` (``_foreach_mul`` with one tensor
-# has no derivative for that tensor in torch 2.13), in the single-tensor rule's order of
-# operations; ``UpdateRule.select_foreach`` says when these variants run.
+# Multi-tensor variants. Each advances all the tensors of one parameter group at once with torch's
+# multi-tensor ops (``_compat.foreach_*``), as ``torch.optim.X(..., foreach=True)`` does: one
+# autograd node per operation for the whole group instead of one per tensor, which shortens the
+# backward pass through an unrolled loop (its main cost for small models). Same contract,
+# hyperparameters and state as the single-tensor rule, over lists: ``update(params, grads, states,
+# **hyper) -> (new_params, new_states)``. Values equal torch.optim's foreach path and the
+# single-tensor rule (on CPU both run the same per-tensor kernels; the tests check it bit for
+# bit). A tensor ``lr`` goes through list-by-list products with ``[lr] * n`` (``_foreach_mul``
+# with one tensor has no derivative for that tensor in torch 2.13), in the single-tensor rule's
+# order of operations; ``UpdateRule.select_foreach`` says when these variants run.
 
 
 def _many(value: Any, n: int) -> list[Any]:
@@ -1321,8 +1322,8 @@ def _many(value: Any, n: int) -> list[Any]:
 def _foreach_axpy(xs: list[Tensor], ys: list[Tensor], alpha: Scalar) -> list[Tensor]:
     """``[x + alpha * y]``, rounded as :func:`_axpy` rounds it."""
     if not _is_tensor(alpha):
-        return list(torch._foreach_add(xs, ys, alpha=alpha))
-    return list(torch._foreach_add(xs, torch._foreach_mul(_many(alpha, len(ys)), ys)))
+        return list(_compat.foreach_add(xs, ys, alpha=alpha))
+    return list(_compat.foreach_add(xs, _compat.foreach_mul(_many(alpha, len(ys)), ys)))
 
 
 def _foreach_safe_sqrt(xs: list[Tensor]) -> list[Tensor]:
@@ -1332,11 +1333,11 @@ def _foreach_safe_sqrt(xs: list[Tensor]) -> list[Tensor]:
     elsewhere, which changes no value): two list operations instead of two ``where`` per tensor.
     """
     if not any(x.requires_grad for x in xs):
-        return list(torch._foreach_sqrt(xs))
+        return list(_compat.foreach_sqrt(xs))
     with torch.no_grad():
         zero = [(x == 0).to(x.dtype) for x in xs]
         nonzero = [1 - z for z in zero]
-    return list(torch._foreach_mul(torch._foreach_sqrt(torch._foreach_add(xs, zero)), nonzero))
+    return list(_compat.foreach_mul(_compat.foreach_sqrt(_compat.foreach_add(xs, zero)), nonzero))
 
 
 #: Dtypes whose CPU ``addcdiv`` rounds after each of its operations, as separate ops do.
@@ -1358,7 +1359,7 @@ def sgd_foreach(
     """:func:`sgd` for a list of tensors at once; compared with ``torch.optim.SGD(...,
     foreach=True)``. Same arguments (over lists) and state."""
     if maximize:
-        grads = list(torch._foreach_neg(grads))
+        grads = list(_compat.foreach_neg(grads))
     if not _is_zero(weight_decay):
         grads = _foreach_axpy(grads, params, weight_decay)
     new_states = [dict(s) for s in states]
@@ -1368,7 +1369,7 @@ def sgd_foreach(
         if not present:
             bufs = grads
         elif len(present) == len(old):
-            bufs = _foreach_axpy(list(torch._foreach_mul(present, momentum)), grads, 1 - dampening)
+            bufs = _foreach_axpy(list(_compat.foreach_mul(present, momentum)), grads, 1 - dampening)
         else:  # some tensors already have a buffer (a warm start with partial state)
             bufs = [
                 g if b is None else _axpy(b * momentum, g, 1 - dampening)
@@ -1399,21 +1400,21 @@ def adam_foreach(
     n = len(params)
     steps = [_next_step(s) for s in states]
     if maximize:
-        grads = list(torch._foreach_neg(grads))
+        grads = list(_compat.foreach_neg(grads))
     if not _is_zero(weight_decay):
         if decoupled_weight_decay:
             factor = 1 - lr * weight_decay
             if _is_tensor(factor):
-                params = list(torch._foreach_mul(params, _many(factor, n)))
+                params = list(_compat.foreach_mul(params, _many(factor, n)))
             else:
-                params = list(torch._foreach_mul(params, factor))
+                params = list(_compat.foreach_mul(params, factor))
         else:
             grads = _foreach_axpy(grads, params, weight_decay)
     exp_avgs = [_zeros_like(s, "exp_avg", p) for s, p in zip(states, params)]
     exp_avg_sqs = [_zeros_like(s, "exp_avg_sq", p) for s, p in zip(states, params)]
-    exp_avgs = list(torch._foreach_lerp(exp_avgs, grads, 1 - beta1))
+    exp_avgs = list(_compat.foreach_lerp(exp_avgs, grads, 1 - beta1))
     exp_avg_sqs = list(
-        torch._foreach_addcmul(torch._foreach_mul(exp_avg_sqs, beta2), grads, grads, 1 - beta2)
+        _compat.foreach_addcmul(_compat.foreach_mul(exp_avg_sqs, beta2), grads, grads, 1 - beta2)
     )
     new_states = [
         {**s, "step": t, "exp_avg": m, "exp_avg_sq": v}
@@ -1422,12 +1423,12 @@ def adam_foreach(
     second_moments = exp_avg_sqs
     if amsgrad:
         maxima = [_zeros_like(s, "max_exp_avg_sq", p) for s, p in zip(states, params)]
-        second_moments = list(torch._foreach_maximum(maxima, exp_avg_sqs))
+        second_moments = list(_compat.foreach_maximum(maxima, exp_avg_sqs))
         for s, v in zip(new_states, second_moments):
             s["max_exp_avg_sq"] = v
     bias_correction2_sqrt = [(1 - beta2**t) ** 0.5 for t in steps]
-    denoms = torch._foreach_add(
-        torch._foreach_div(_foreach_safe_sqrt(second_moments), bias_correction2_sqrt), eps
+    denoms = _compat.foreach_add(
+        _compat.foreach_div(_foreach_safe_sqrt(second_moments), bias_correction2_sqrt), eps
     )
     # ``param + step_size * exp_avg / denom``, in the order of operations (and so the rounding)
     # of ``addcdiv``'s CPU kernel: ``_foreach_addcdiv`` has no working derivative in torch 2.13
@@ -1442,7 +1443,7 @@ def adam_foreach(
                 for p, m, d, v in zip(params, exp_avgs, denoms, step_sizes)
             ]
             return new_params, new_states
-        scaled = torch._foreach_mul(exp_avgs, step_sizes)
+        scaled = _compat.foreach_mul(exp_avgs, step_sizes)
     else:
         # One tensor step size per distinct step (usually one for the whole group), so that
         # the graph holds one node per operation, not one per tensor.
@@ -1450,8 +1451,8 @@ def adam_foreach(
         for t in steps:
             if t not in negated:
                 negated[t] = -(lr / (1 - beta1**t))
-        scaled = torch._foreach_mul([negated[t] for t in steps], exp_avgs)
-    return list(torch._foreach_add(params, torch._foreach_div(scaled, denoms))), new_states
+        scaled = _compat.foreach_mul([negated[t] for t in steps], exp_avgs)
+    return list(_compat.foreach_add(params, _compat.foreach_div(scaled, denoms))), new_states
 
 
 def adamw_foreach(

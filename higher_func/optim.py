@@ -29,7 +29,7 @@ obtained with higher 0.2.1 bit for bit (its SGD rounds ``p - lr * g`` twice, its
 the legacy code, with the environment variable ``HIGHER_FUNC_NUMERICS=higher`` (read at
 import; ``torch`` or empty is the default, anything else an error), or in code::
 
-    higher_func.optim.numerics("higher")          # from now on
+    higher_func.optim.set_numerics("higher")      # from now on
     with higher_func.optim.numerics("higher"):    # only inside the block
         ...
     higher_func.optim.get_numerics()              # "torch" or "higher"
@@ -58,7 +58,7 @@ from ._batching import check_num_tasks
 from ._checks import check_bool, check_task
 from ._compat import is_compiling
 from ._hyperparams import apply_trainable_opt_params, get_trainable_opt_params
-from ._numerics import get_numerics, numerics
+from ._numerics import get_numerics, numerics, set_numerics
 from ._overrides import (
     OverrideType,
     as_scalar_if_single,
@@ -84,6 +84,7 @@ __all__ = [
     "get_trainable_opt_params",
     "apply_trainable_opt_params",
     "numerics",
+    "set_numerics",
     "get_numerics",
 ]
 
@@ -447,7 +448,7 @@ class DifferentiableOptimizer:
 
         As its ``foreach`` option says when the optimizer was built with one; by default only
         for steps nothing is differentiated through (``track_higher_grads=False``). In torch
-        2.13 every ``torch._foreach_*`` op saves its input lists for backward, gradients
+        2.13 every multi-tensor (``foreach``) op saves its input lists for backward, gradients
         included, where the single-tensor ops save none: tracked, the multi-tensor steps kept
         a copy of every step's gradients alive until the meta-backward (peak memory of a W1
         meta-step +49%, of a W3 one +73%) for a 2% (SGD) to 30% (Adam) faster legacy loop.

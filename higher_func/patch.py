@@ -53,7 +53,7 @@ from torch import nn as _nn
 
 from . import _compile
 from ._batching import TaskBatch as _TaskBatch
-from ._checks import KeyErrorSentence, check_bool, check_task, same_device
+from ._checks import UnknownKeyError, check_bool, check_task, same_device
 from ._compat import is_compiling as _is_compiling
 from ._tree import ModuleTree as _ModuleTree
 
@@ -429,7 +429,7 @@ class _MonkeyPatchBase:
             unknown = [k for k in params if k not in self._hf_index]
             missing = [k for k in names if k not in params]
             if unknown or missing:
-                raise KeyErrorSentence(
+                raise UnknownKeyError(
                     "params dict does not match the module's parameters: "
                     f"unknown {unknown}, missing {missing}"
                 )
@@ -695,7 +695,7 @@ def buffer_sync(
     index = {name: i for i, name in enumerate(tree.buffer_names)}
     for name, buffer in module.named_buffers():
         if name not in index:
-            raise KeyErrorSentence(f"buffer {name!r} is not a buffer of the patched module")
+            raise UnknownKeyError(f"buffer {name!r} is not a buffer of the patched module")
         copy = fmodule._stack(buffer.detach())
         buffers[index[name]] = copy if device is None else copy.to(device)
     tree.write_buffers(buffers)

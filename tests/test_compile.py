@@ -16,6 +16,7 @@ from zoo import (
 )
 
 import higher_func
+from higher_func import _compile
 
 TASKS, SHOTS, STEPS = 3, 4, 2
 
@@ -295,6 +296,14 @@ def test_compiled_test_time_adaptation_equals_eager_over_the_zoo(name):
     assert_trees_close(compiled, eager, atol=1e-9, rtol=1e-7)
 
 
+def test_new_leaves_send_no_gradient_into_a_shared_tensor():
+    weight = torch.randn(3, requires_grad=True)
+    copy = _compile.new_leaf(weight, requires_grad=True)
+    assert copy.requires_grad and torch.equal(copy, weight)
+    (copy * 2).sum().backward()
+    assert weight.grad is None and _compile._ZERO.grad is None
+
+
 def test_copy_initial_weights_compiles_and_reaches_no_model_gradient():
     torch._dynamo.reset()
     model = make_model(batch_norm=False)
@@ -312,6 +321,9 @@ def test_copy_initial_weights_compiles_and_reaches_no_model_gradient():
     torch.testing.assert_close(compiled, eager)
     compiled.backward()
     assert all(p.grad is None for p in model.parameters())
+    # The library's own zero, from which the copies are made while compiling, is no leaf that
+    # gradients accumulate into (it would be shared by every meta-step and thread).
+    assert _compile._ZERO.grad is None
 
 
 def test_batched_recurrent_meta_step_compiles():

@@ -30,7 +30,7 @@ from torch import nn
 
 import higher_func
 import higher_func.optim
-from higher_func.optim import get_numerics, numerics
+from higher_func.optim import get_numerics, numerics, set_numerics
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Differentiable RMSprop suffers:UserWarning"),
@@ -359,7 +359,7 @@ def test_unknown_environment_value_is_a_clear_error():
     assert "'Higher'" in result.stderr
 
 
-def test_numerics_is_a_setter_and_a_context_manager():
+def test_numerics_switches_for_a_block_and_set_numerics_for_good():
     assert get_numerics() == "torch"
     with numerics("higher") as scope:
         assert get_numerics() == "higher"
@@ -369,13 +369,32 @@ def test_numerics_is_a_setter_and_a_context_manager():
     assert get_numerics() == "torch"
     assert repr(scope) == "numerics('higher')"
     try:
-        numerics("higher")
+        assert set_numerics("higher") == "torch"
         assert get_numerics() == "higher"
     finally:
-        numerics("torch")
+        set_numerics("torch")
     with pytest.raises(ValueError, match=r"numerics\(mode\) must be 'torch'.*got 'fast'"):
         numerics("fast")
+    with pytest.raises(ValueError, match=r"set_numerics\(mode\) must be 'torch'"):
+        set_numerics("fast")
     assert get_numerics() == "torch"
+
+
+def test_numerics_switches_when_its_block_starts_not_when_called():
+    scope = numerics("higher")  # made ahead of time: nothing changes yet
+    assert get_numerics() == "torch"
+    try:
+        set_numerics("higher")
+        with numerics("torch"):
+            with scope:  # entered later, inside another block, and re-entered
+                assert get_numerics() == "higher"
+                with scope:
+                    assert get_numerics() == "higher"
+                assert get_numerics() == "higher"
+            assert get_numerics() == "torch"  # what the block found, not what the call saw
+        assert get_numerics() == "higher"
+    finally:
+        set_numerics("torch")
 
 
 def _adam_meta_gradients(lib, net, scale):

@@ -9,6 +9,8 @@ cases are in ``test_patch_errors.py``.
 
 from __future__ import annotations
 
+import traceback
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -114,6 +116,16 @@ def test_override_of_an_unknown_key_lists_the_known_ones():
         get_diff_optim(_two_groups(model), model.parameters(), override={"learning_rate": [0.1]})
     with pytest.raises(KeyError, match=r"'params', which is not a hyperparameter"):
         get_diff_optim(_two_groups(model), model.parameters(), override={"params": [[]]})
+
+
+def test_a_wrong_key_shows_a_public_documented_class_in_tracebacks():
+    model = _model()
+    with pytest.raises(higher_func.UnknownKeyError) as info:
+        get_diff_optim(_two_groups(model), model.parameters(), override={"learning_rate": [0.1]})
+    # What the last line of a traceback names: importable from there, documented there.
+    shown = traceback.format_exception_only(info.type, info.value)[-1]
+    assert shown.startswith("higher_func.UnknownKeyError: override names 'learning_rate'")
+    assert higher_func.UnknownKeyError.__doc__ and "UnknownKeyError" in higher_func.__all__
 
 
 def test_override_of_the_wrong_type():

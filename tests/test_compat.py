@@ -1,0 +1,120 @@
+"""Canaries for ``higher_func._compat``: every private torch name and matched torch message the
+library relies on, checked against the installed torch. When a torch release renames, moves or
+changes one of them, the test named after it fails here, before anything that uses it breaks in
+a less legible way. Blocks are grouped by the area of the library that uses the names."""
+
+from __future__ import annotations
+
+import pathlib
+import re
+
+import pytest
+import torch
+
+from higher_func import _compat
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "higher_func"
+
+# -- the whole package ------------------------------------------------------------------------
+
+# A private torch name in code: ``torch._x`` / ``torch.y._x`` attribute paths, imports of an
+# underscore name from torch, and ``sys._getframe``.
+PRIVATE = re.compile(
+    r"\btorch(?:\.[A-Za-z]\w*)*\._[A-Za-z]\w*|from torch[\w.]* import _|\bsys\._getframe"
+)
+# Modules whose private names other branches move into _compat (issues 19 and 20); once those
+# are merged this set is empty.
+NOT_MOVED_YET = {"_tree.py", "_batching.py"}
+
+
+def test_no_private_torch_name_outside_compat():
+    found = []
+    for path in sorted(PACKAGE.glob("*.py")):
+        if path.name == "_compat.py" or path.name in NOT_MOVED_YET:
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if PRIVATE.search(line):
+                found.append(f"{path.name}:{number}: {line.strip()}")
+    assert not found, "private torch names belong in higher_func/_compat.py:\n" + "\n".join(found)
+
+
+# -- compile and update rules (_compile.py, _rules.py) ----------------------------------------
+
+
+def test_dynamo_has_the_recurrent_module_switch():
+    # higher_func.compile turns it on so that nn.RNN/GRU/LSTM trace.
+    if not _compat.can_trace_autograd():
+        pytest.skip(f"higher_func.compile does not run on torch {torch.__version__}")
+    assert getattr(torch._dynamo.config, _compat.ALLOW_RNN) is False  # off unless asked for
+    with _compat.tracing_rnns():
+        assert getattr(torch._dynamo.config, _compat.ALLOW_RNN) is True
+    assert getattr(torch._dynamo.config, _compat.ALLOW_RNN) is False
+
+
+def test_dynamo_has_the_autograd_tracing_switch():
+    if not _compat.can_trace_autograd():
+        pytest.skip(f"torch {torch.__version__} is older than {_compat.MIN_TORCH}")
+    with _compat.tracing_autograd():
+        assert getattr(torch._dynamo.config, _compat.TRACE_AUTOGRAD_OPS) is True
+
+
+def _lists():
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(3,), (2, 2)]
+    return [
+        [torch.rand(s, generator=generator, dtype=torch.float64) + 0.5 for s in shapes]
+        for _ in range(3)
+    ]
+
+
+# Each multi-tensor op against the per-tensor op it stands for, with the argument forms the
+# rules use (a scalar, a list of scalars, a list of tensors).
+FOREACH = {
+    "add scalar alpha": (
+        lambda a, b, c: _compat.foreach_add(a, b, alpha=0.5),
+        lambda a, b, c: a + 0.5 * b,
+    ),
+    "add scalar": (lambda a, b, c: _compat.foreach_add(a, 1e-8), lambda a, b, c: a + 1e-8),
+    "add list": (lambda a, b, c: _compat.foreach_add(a, b), lambda a, b, c: a + b),
+    "addcmul": (
+        lambda a, b, c: _compat.foreach_addcmul(a, b, c, 0.1),
+        lambda a, b, c: torch.addcmul(a, b, c, value=0.1),
+    ),
+    "div list": (lambda a, b, c: _compat.foreach_div(a, b), lambda a, b, c: a / b),
+    "div scalars": (lambda a, b, c: _compat.foreach_div(a, [2.0, 4.0]), None),
+    "lerp": (lambda a, b, c: _compat.foreach_lerp(a, b, 0.1), lambda a, b, c: a.lerp(b, 0.1)),
+    "maximum": (lambda a, b, c: _compat.foreach_maximum(a, b), lambda a, b, c: a.maximum(b)),
+    "mul scalar": (lambda a, b, c: _compat.foreach_mul(a, 0.9), lambda a, b, c: a * 0.9),
+    "mul list": (lambda a, b, c: _compat.foreach_mul(a, b), lambda a, b, c: a * b),
+    "neg": (lambda a, b, c: _compat.foreach_neg(a), lambda a, b, c: -a),
+    "sqrt": (lambda a, b, c: _compat.foreach_sqrt(a), lambda a, b, c: a.sqrt()),
+}
+
+
+@pytest.mark.parametrize("name", FOREACH)
+def test_multi_tensor_op_equals_the_per_tensor_op_and_is_differentiable(name):
+    multi, single = FOREACH[name]
+    a, b, c = _lists()
+    for x in a:
+        x.requires_grad_(True)
+    got = list(multi(a, b, c))
+    if single is None:  # a list of scalars, one per tensor
+        expected = [x / s for x, s in zip(a, [2.0, 4.0])]
+    else:
+        expected = [single(x, y, z) for x, y, z in zip(a, b, c)]
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=0, atol=1e-15)
+    # The rules differentiate through them (tracked steps with foreach=True; torch >= 2.1).
+    grads = torch.autograd.grad(sum(g.sum() for g in got), a)
+    expected_grads = torch.autograd.grad(sum(e.sum() for e in expected), a)
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e, rtol=0, atol=1e-15)
+
+
+def test_a_dropped_gradient_is_not_kept():
+    leaf = torch.zeros((), requires_grad=True)
+    _compat.drop_accumulated_grad(leaf)
+    (leaf * 3).backward()
+    assert leaf.grad is None
