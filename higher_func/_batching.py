@@ -74,9 +74,9 @@ def _loop_is_faster(module: nn.Module, device: Optional[torch.device]) -> Option
     """Why a loop over tasks beats vmap for ``module`` on ``device``, or None.
 
     On a CPU, vmap turns a convolution over stacked weights into one grouped convolution, and
-    BatchNorm over stacked statistics into reshapes around it; with both, the vmapped
-    meta-step of benchmark W2 (conv4 + BatchNorm2d, 8 tasks) ran 0.76-0.83x higher's speed and
-    the loop 0.94-1.22x (1 and 2 threads, docs/batching.md).
+    BatchNorm over stacked statistics into reshapes around it; with both, a vmapped meta-step
+    of benchmark W2 (conv4 + BatchNorm2d, 8 tasks, written by hand) ran 0.73x higher's speed
+    and the loop 0.93x (docs/batching.md).
     """
     if device is None or device.type != "cpu":
         return None

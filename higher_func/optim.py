@@ -451,7 +451,8 @@ class DifferentiableOptimizer:
         2.13 every multi-tensor (``foreach``) op saves its input lists for backward, gradients
         included, where the single-tensor ops save none: tracked, the multi-tensor steps kept
         a copy of every step's gradients alive until the meta-backward (peak memory of a W1
-        meta-step +49%, of a W3 one +73%) for a 2% (SGD) to 30% (Adam) faster legacy loop.
+        meta-step +49%, of a W3 one +73%) for a faster legacy loop (W3, Adam: 1.48x higher's
+        speed instead of 1.18x; docs/benchmarks.md).
         """
         choice = group.get("foreach")
         if choice is not None:
