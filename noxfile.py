@@ -12,7 +12,7 @@ nox.options.sessions = ["tests", "lint", "doctests", "typecheck"]
 @nox.session
 def tests(session):
     session.install(TORCH)
-    session.install("-e", ".[test]")
+    session.install("-e", ".[test,examples]")  # the examples' tests skip without their extra
     session.run("python", "-m", "pytest", "-m", "", *session.posargs)
 
 

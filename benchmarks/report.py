@@ -166,6 +166,32 @@ def write_json(directory: str, name: str, payload: dict, info: dict) -> str:
     return path
 
 
+def record(path: str, workload: str, summary: dict, info: dict, started: float) -> None:
+    """Put ``workload``'s ``summary`` into the results file at ``path`` (created if missing),
+    with where, when and by what command it was measured; other entries stay as they are."""
+    import datetime
+    import time
+
+    try:
+        with open(path) as f:
+            results = json.load(f)
+    except FileNotFoundError:
+        results = {"machine": {}, "workloads": {}, "other": {}}
+    source = {
+        "command": " ".join(["python -m benchmarks", *info["argv"][1:]]),
+        "commit": info["git"],
+        "date": datetime.date.today().isoformat(),
+        "run_s": round(time.perf_counter() - started, 1),
+    }
+    keys = ("cpu", "cores", "torch_threads", "python", "torch", "higher")
+    source["machine"] = results["machine"] = {k: info[k] for k in keys}
+    results["workloads"][workload] = {"source": source, **summary}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1)
+        f.write("\n")
+
+
 def targets_table(rows: Sequence[tuple]) -> str:
     """``rows`` of ``(workload, target, measured, verdict)``."""
     lines = ["targets"]

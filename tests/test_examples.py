@@ -1,7 +1,7 @@
 """Smoke tests of the programs in examples/: each main() with tiny sizes, checked for meaning.
 
 The examples need the ``examples`` extra (tqdm, matplotlib, scikit-learn); without it, their
-tests skip. CI installs only the ``test`` extra.
+tests skip. CI installs it (the README's first command) before running the tests.
 """
 
 import json
