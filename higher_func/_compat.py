@@ -91,10 +91,10 @@ def tracing_rnns() -> contextlib.AbstractContextManager[None]:
 
 
 # torch.optim's multi-tensor kernels (``foreach=True``): one op, and one autograd node, over a
-# list of tensors. There is no public name for them. They exist since torch 1.7 (``lerp`` since
-# 2.0); autograd formulas for them came with torch 2.1, so on torch 2.0 a tracked step cannot
-# take them (tests/test_compat.py checks both). Out-of-place forms only: the rules never write
-# into their inputs.
+# list of tensors. There is no public name for them. Most exist since torch 1.7, ``lerp``
+# since 2.0; their derivatives came later than the ops, so tests/test_compat.py checks both
+# the values and the gradients of each on the installed torch. Out-of-place forms only: the
+# rules never write into their inputs.
 foreach_add = torch._foreach_add
 foreach_addcmul = torch._foreach_addcmul
 foreach_div = torch._foreach_div
