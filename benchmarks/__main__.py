@@ -57,6 +57,19 @@ def parse(argv):
     return parser.parse_args(argv)
 
 
+def output_directory(args) -> str:
+    return args.output or (os.path.join(RESULTS, "quick") if args.quick else RESULTS)
+
+
+def summary_file(args) -> str:
+    """Where the run records what it measured: the committed ``benchmarks/results.json``
+    only for a full-size run into the default directory (the docs' numbers come from it);
+    any other run writes ``results.json`` into its own results directory."""
+    if args.output is None and not args.quick:
+        return facts.RESULTS
+    return os.path.join(output_directory(args), "results.json")
+
+
 def main(argv=None) -> int:
     args = parse(argv)
     begin = time.perf_counter()
@@ -66,13 +79,8 @@ def main(argv=None) -> int:
     # Compile times are cold ones, what a user's first run sees, unless the caller points
     # Inductor at a cache of their own.
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="bench-inductor-"))
-    output = args.output or (os.path.join(RESULTS, "quick") if args.quick else RESULTS)
-    # Only a full-size run into the default directory speaks for the docs.
-    summary_path = (
-        facts.RESULTS
-        if args.output is None and not args.quick
-        else os.path.join(output, "results.json")
-    )
+    output = output_directory(args)
+    summary_path = summary_file(args)
     settings = Settings(quick=args.quick, rounds=args.rounds)
     selected = args.workload or [*WORKLOADS, SCALING]
     info = report.machine()

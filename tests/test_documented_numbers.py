@@ -140,3 +140,13 @@ def test_the_check_catches_a_number_nobody_measured(tmp_path):
         "'1.52x'",
         "table cell 31.0 in '31.0'",
     ]
+
+
+def test_only_a_full_run_into_the_default_directory_records_into_the_committed_file(tmp_path):
+    from benchmarks.__main__ import parse, summary_file
+
+    assert summary_file(parse([])) == facts.RESULTS
+    assert summary_file(parse(["--workload", "W1"])) == facts.RESULTS
+    for argv in (["--quick"], ["--quick", "--output", str(tmp_path)], ["--output", str(tmp_path)]):
+        assert pathlib.Path(summary_file(parse(argv))).resolve() != pathlib.Path(facts.RESULTS)
+    assert summary_file(parse(["--output", str(tmp_path)])) == str(tmp_path / "results.json")
