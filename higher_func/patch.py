@@ -109,6 +109,14 @@ class _MonkeyPatchBase:
             buffers = [self._stack(b.detach()) for b in tree.buffers]
             tree.write_buffers(buffers if device is None else [b.to(device) for b in buffers])
 
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:
+        # isinstance(fmodel, nn.Module / the model's class) holds, as with higher's patched
+        # modules, and torch accepts it as a child module; type(fmodel) stays this proxy
+        # class. (Before __init__ has run, as when Dynamo builds one, it is the proxy class.)
+        module = self.__dict__.get("_hf_module")
+        return type(self) if module is None else type(module)
+
     def __deepcopy__(self, memo: dict) -> Any:
         raise TypeError(
             "deepcopy of a patched module is not supported (its fast weights are part of an "
@@ -209,14 +217,41 @@ class _MonkeyPatchBase:
         self, memo: Optional[set] = None, prefix: str = "", remove_duplicate: bool = True
     ) -> Iterator[Tuple[str, Any]]:
         """``(name, module)`` for the patched module itself and each of its submodules (the
-        patch's copies, or their per-task proxies with ``num_tasks``)."""
+        patch's copies, or their per-task proxies with ``num_tasks``).
+
+        ``memo`` is honoured as ``nn.Module.named_modules`` honours it, so a module holding
+        the patched module as a child (``self.q_net = fmodel``) lists it once.
+        """
+        if memo is None:
+            memo = set()
+        if remove_duplicate:
+            if self in memo:
+                return
+            memo.add(self)
         yield prefix, self
-        named = self._hf_tree.root.named_modules(memo, prefix, remove_duplicate)
-        next(named)  # the root copy: the patched module stands for it
-        yield from ((n, self._wrap(m)) for n, m in named)
+        # The root copy's children, not the root copy itself: the patched module stands for it.
+        for name, child in self._hf_tree.root._modules.items():
+            if child is not None:
+                named = child.named_modules(memo, prefix + ("." if prefix else "") + name, remove_duplicate)
+                yield from ((n, self._wrap(m)) for n, m in named)
 
     def modules(self) -> Iterator[Any]:
         return (m for _, m in self.named_modules())
+
+    def apply(self, fn: Callable[[Any], None]) -> "_MonkeyPatchBase":
+        """``fn`` on every submodule (the patch's copies), then on the patched module itself,
+        as ``nn.Module.apply`` does; what ``fn`` changes is the patch's, never the model's.
+
+        Example:
+            >>> fmodel = monkeypatch(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5)))
+            >>> _ = fmodel.apply(lambda m: m.eval() if isinstance(m, nn.Dropout) else None)
+            >>> fmodel[1].training
+            False
+        """
+        for child in self.children():
+            child.apply(fn)
+        fn(self)
+        return self
 
     def train(self, mode: bool = True) -> "_MonkeyPatchBase":
         """Set the training flags of the patch's copy of the module (the module's own
@@ -286,6 +321,7 @@ class _MonkeyPatchBase:
     def state_dict(
         self,
         *args: Any,
+        destination: Optional[Dict[str, Any]] = None,
         prefix: str = "",
         keep_vars: bool = False,
         task: Optional[int] = None,
@@ -295,7 +331,8 @@ class _MonkeyPatchBase:
         into the original module's class (to save an adapted model).
 
         Args:
-            prefix, keep_vars: as in ``nn.Module.state_dict``.
+            destination, prefix, keep_vars: as in ``nn.Module.state_dict`` (a module holding
+                the patched module as a child passes all three).
             task: with ``num_tasks``, which task's weights to export (required then).
 
         Raises:
@@ -305,7 +342,8 @@ class _MonkeyPatchBase:
         """
         if args or kwargs:
             raise TypeError(
-                "state_dict() of a patched module takes only prefix=, keep_vars= and task="
+                "state_dict() of a patched module takes only destination=, prefix=, keep_vars= "
+                "and task="
             )
         check_task(task, self.num_tasks, "patched module")
         tree = self._hf_tree
@@ -320,7 +358,13 @@ class _MonkeyPatchBase:
                 stacked = task is not None and not key.endswith("_extra_state")
                 tensor = tensor[task] if stacked else tensor
                 state[key] = tensor if keep_vars else tensor.detach()
-        return state
+        if destination is None:
+            return state
+        destination.update(state)
+        metadata = getattr(destination, "_metadata", None)
+        if metadata is not None:
+            metadata.update(getattr(state, "_metadata", {}))
+        return destination
 
     def get_parameter(self, target: str) -> _torch.Tensor:
         """The current fast weight called ``target`` (any of a tied weight's names)."""
