@@ -232,7 +232,9 @@ class _MonkeyPatchBase:
         # The root copy's children, not the root copy itself: the patched module stands for it.
         for name, child in self._hf_tree.root._modules.items():
             if child is not None:
-                named = child.named_modules(memo, prefix + ("." if prefix else "") + name, remove_duplicate)
+                named = child.named_modules(
+                    memo, prefix + ("." if prefix else "") + name, remove_duplicate
+                )
                 yield from ((n, self._wrap(m)) for n, m in named)
 
     def modules(self) -> Iterator[Any]:
