@@ -99,8 +99,17 @@ def check_override(
                 shapes = [shape for group in group_shapes for shape in group]
             else:
                 shapes = group_shapes[g]
-            checked[key].append(_check_value(key, value, groups[0][key], num_tasks, shapes))
+            current = _current(groups, key, g if len(values_list) > 1 else None)
+            checked[key].append(_check_value(key, value, current, num_tasks, shapes))
     return checked
+
+
+def _current(groups: List[Dict[str, Any]], key: str, g: Optional[int]) -> Any:
+    """The value an override of ``key`` replaces, which fixes its type: group ``g``'s, or,
+    for one value for all groups (``g`` None), the first group's that is not None."""
+    if g is not None:
+        return groups[g].get(key)
+    return next((group[key] for group in groups if group.get(key) is not None), None)
 
 
 def _check_value(
@@ -110,7 +119,16 @@ def _check_value(
     num_tasks: Optional[int],
     shapes: Optional[List[torch.Size]],
 ) -> Any:
-    """Check one override value against the group's current one; return it normalised."""
+    """Check one override value against the group's current one; return it normalised.
+
+    A current value of None is a placeholder (``lr=None`` in a group, filled in by the
+    override, as higher allowed): any number, tensor or pair of them replaces it.
+    """
+    if current is None and value is not None:
+        items = as_list(value)
+        if items is not None:  # a pair, such as betas
+            return tuple(_check_value(key, v, 0.0, num_tasks, shapes) for v in items)
+        return _check_value(key, value, 0.0, num_tasks, shapes)
     if isinstance(current, bool) or current is None or isinstance(current, str):
         if type(value) is not type(current):
             raise TypeError(f"override[{key!r}] must be a {type(current).__name__}, got {value!r}")

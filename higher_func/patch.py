@@ -55,6 +55,13 @@ from . import _compile
 from ._batching import TaskBatch as _TaskBatch
 from ._checks import KeyErrorSentence, check_bool, check_task, same_device
 from ._compat import is_compiling as _is_compiling
+from ._legacy import HIGHER_ATTRIBUTES as _HIGHER_ATTRIBUTES
+from ._legacy import _internal_attrs as _internal_attrs
+from ._legacy import _make_functional as _make_functional
+from ._legacy import _modify_internally as _modify_internally
+from ._legacy import _ParameterPlaceholder as _ParameterPlaceholder
+from ._legacy import _patched_parameters as _patched_parameters
+from ._legacy import _update_patched_params as _update_patched_params
 from ._tree import ModuleTree as _ModuleTree
 
 _Params = Union[Sequence[_torch.Tensor], Mapping[str, _torch.Tensor]]
@@ -164,9 +171,17 @@ class _MonkeyPatchBase:
         if name.startswith("__") or tree is None:
             raise AttributeError(name)
         _refuse(name, tree.root)
-        if self._hf_tasks is None:
-            return getattr(tree.root, name)
-        return _batched_attr(self, tree.root, name)
+        try:
+            if self._hf_tasks is None:
+                return getattr(tree.root, name)
+            return _batched_attr(self, tree.root, name)
+        except AttributeError:
+            # higher's own attributes of a patched module (root, _param_mapping...), only
+            # where the module has none of that name.
+            legacy = _HIGHER_ATTRIBUTES.get(name)
+            if legacy is None:
+                raise
+            return legacy(self)
 
     def __setattr__(self, name: str, value: Any) -> None:
         # A parameter name replaces that fast weight, as in higher; the patch's own properties
@@ -517,7 +532,9 @@ class _MonkeyPatchBase:
         return f"MonkeyPatched({self._hf_module!r}) [{steps}]"
 
     def __dir__(self) -> List[str]:
-        return sorted(set(object.__dir__(self)) | set(dir(self._hf_tree.root)))
+        # (object.__dir__ would read the class from __class__, i.e. the module's class.)
+        names = set(self.__dict__) | set(dir(type(self))) | set(dir(self._hf_tree.root))
+        return sorted(names | set(_HIGHER_ATTRIBUTES))
 
 
 def _refuse_new_module(name: str) -> None:
