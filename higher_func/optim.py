@@ -184,9 +184,12 @@ class DifferentiableOptimizer:
             self._group_to_param_list.append(indices)
             self.state.append(collections.defaultdict(dict))
             if other.state:  # (a fresh SGD or Adam has none: skip hashing every tensor)
+                tensor_step = _numerics.get_numerics() == "higher"  # as higher imported it
                 for i, p in enumerate(group["params"]):
                     if other.state.get(p):
-                        self.state[g][i] = import_state(other.state[p], device, self.num_tasks)
+                        self.state[g][i] = import_state(
+                            other.state[p], device, self.num_tasks, tensor_step
+                        )
         self._num_params = len(fast_weights)
         self._one_group_in_order = self._group_to_param_list == [list(range(len(fast_weights)))]
         # Whether step()'s fast weights are the patched module's, in its order and shapes.
