@@ -807,7 +807,7 @@ def monkeypatch(
 
     Raises:
         ValueError: ``module`` is already patched, or ``num_tasks`` is not a positive int.
-        TypeError: ``track_higher_grads`` is not a bool.
+        TypeError: ``copy_initial_weights`` or ``track_higher_grads`` is not a bool.
 
     Example (batched):
         >>> model = torch.nn.Linear(3, 1)
@@ -815,6 +815,10 @@ def monkeypatch(
         >>> fmodel(torch.randn(4, 10, 3)).shape  # one batch of 10 inputs per task
         torch.Size([4, 10, 1])
     """
+
+    # A flag, never a truthy value: copy_initial_weights="no" would silently copy.
+    check_bool("copy_initial_weights", copy_initial_weights)
+    check_bool("track_higher_grads", track_higher_grads)
 
     def encapsulator(fmodule: _MonkeyPatchBase, module: _nn.Module) -> None:
         originals = fmodule._hf_tree.params
