@@ -20,8 +20,13 @@ Example:
     >>> fmodel.update_params([p - 0.1 * g for p, g in zip(fmodel.parameters(), grads)])
     >>> fmodel(torch.randn(8, 3)).sum().backward()  # gradients reach model.weight, model.bias
 
-Differs from higher: the patched module itself is a plain object, not an ``nn.Module`` (its
-submodules are real modules); the methods of ``nn.Module`` that would convert or overwrite the
+To ``isinstance`` and to torch the patched module is an ``nn.Module`` and an instance of the
+model's class, as higher's patched modules were (``type(fmodel)`` is the proxy class, never a
+subclass of the model's): it can be stored as a child of another module, whose calls,
+``modules()``, ``parameters()``, ``state_dict()`` and ``load_state_dict()`` reach the fast
+weights as with higher.
+
+Differs from higher: the methods of ``nn.Module`` that would convert or overwrite the
 fast weights (``to``, ``cuda``, ``double``, ``load_state_dict``...) are refused with an error
 saying what to do instead; ``make_functional`` copies the buffers at once, so ``buffer_sync``
 is only needed to refresh them; assigning a plain tensor to a parameter name of a submodule
@@ -81,8 +86,12 @@ class _MonkeyPatchBase:
     """What every patched module is an instance of: a proxy for the patch's own copy of the
     module, holding the history of its fast weights.
 
-    Differs from higher: a plain object, not a ``torch.nn.Module`` subclass, so that Dynamo can
-    build one inside a compiled meta-step.
+    ``isinstance(fmodel, nn.Module)`` and ``isinstance(fmodel, ModelClass)`` hold (its
+    ``__class__`` is the model's class), as with higher. Differs from higher: ``type(fmodel)``
+    is this plain class, neither an ``nn.Module`` subclass nor a subclass of the model's class
+    built per patch, so that Dynamo can build one inside a compiled meta-step; higher's own
+    attributes of a patched module (``root``, ``_param_mapping``...) are read only where the
+    model has no attribute of that name.
     """
 
     _module: _nn.Module
