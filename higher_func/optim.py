@@ -673,7 +673,7 @@ _OptMappingType = Dict[type, Type[DifferentiableOptimizer]]
 #: ``torch.optim`` class -> its differentiable class, as in higher: ``get_diff_optim`` looks
 #: the optimizer's type up here and ``register_optim`` adds to it. Built from the registry
 #: ``higher_func._rules.OPTIMIZERS``: an entry without its class above fails here, at import,
-#: and ``tests/test_optim.py`` checks that each class runs its entry's rule.
+#: and ``tests/test_surface.py`` checks that each class runs its entry's rule.
 _opt_mapping: _OptMappingType = {
     opt_type: globals()[f"Differentiable{opt_type.__name__}"] for opt_type in OPTIMIZERS
 }
