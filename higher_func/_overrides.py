@@ -35,12 +35,23 @@ def is_number(x: Any) -> bool:
 
 def as_list(value: Any) -> Optional[List[Any]]:
     """``value`` as a list if it is a sequence (``len()`` and indexing, as higher required:
-    a list, a tuple, an ``nn.ParameterList`` or a slice of one), else None."""
-    if isinstance(value, (str, bytes, dict, torch.Tensor)):
+    a list, a tuple, an ``nn.ParameterList`` or a slice of one, or a 1-D tensor, whose
+    entries are its 0-dim elements, on the tape), else None."""
+    if isinstance(value, torch.Tensor):
+        # torch.tensor([lr], requires_grad=True) in place of [tensor(lr)], as legacy programs
+        # pass it; other shapes would be read along their first dim, which is never meant.
+        return list(value.unbind(0)) if value.dim() == 1 else None
+    if isinstance(value, (str, bytes, dict)):
         return None
     if not (hasattr(value, "__len__") and hasattr(value, "__getitem__")):
         return None
     return [value[i] for i in range(len(value))]
+
+
+def _described(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    return type(value).__name__
 
 
 def check_override(
@@ -83,8 +94,8 @@ def check_override(
         if values_list is None:
             raise TypeError(
                 f"override[{key!r}] must be a list (or any sequence, e.g. an "
-                "nn.ParameterList): [value] for all groups or one value per group, got "
-                f"{type(values).__name__}"
+                "nn.ParameterList or a 1-D tensor): [value] for all groups or one value per "
+                f"group, got {_described(values)}"
             )
         if len(values_list) not in (1, len(groups)):
             raise ValueError(

@@ -788,3 +788,27 @@ def test_private_type_names_annotate_legacy_code():
     assert all(t is not None for t in (_GradCallbackType, _GroupedGradsType, _OverrideType))
     assert _StateType is not None and _BufferType is not None
     assert isinstance(higher_func.monkeypatch(Net()), _MonkeyPatchBase)
+
+
+@pytest.mark.parametrize("per_group", [False, True])
+def test_override_given_as_a_one_dimensional_tensor(higher_numerics, per_group):
+    # override={"lr": torch.tensor([lr], requires_grad=True)}: a tensor where a list is
+    # expected, as programs pass it; higher indexes it like a list.
+    results = []
+    for lib, net in zip((higher, higher_func), _net_pair()):
+        values = [0.1, 0.05] if per_group else [0.1]
+        lr = torch.tensor(values, requires_grad=True)
+        opt = torch.optim.SGD(_groups(net), lr=0.5)
+        support, query = _data()
+        fast, loss = _maml(lib, net, opt, support, query, override={"lr": lr})
+        results.append((fast, torch.autograd.grad(loss, [lr, *net.parameters()])))
+    _assert_equal(results[1][0], results[0][0])
+    _assert_equal(results[1][1], results[0][1])
+
+
+def test_override_as_a_tensor_of_another_shape_is_refused():
+    net = Net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    for value in (torch.tensor(0.1), torch.full((2, 1), 0.1)):
+        with pytest.raises(TypeError, match=r"override\['lr'\] must be a list"):
+            higher_func.innerloop_ctx(net, opt, override={"lr": value}).__enter__()
