@@ -733,7 +733,7 @@ def make_functional(
         The patched module, holding copies of ``module``'s buffers.
 
     Raises:
-        ValueError: ``module`` is already a patched module.
+        ValueError: ``module`` is already a patched module, or holds one as a submodule.
     """
     if isinstance(module, _MonkeyPatchBase):
         raise ValueError(
@@ -741,7 +741,17 @@ def make_functional(
         )
     if not isinstance(module, _nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(module).__name__}")
-    fmodule = _MonkeyPatchBase(module, num_tasks, device, randomness)
+    try:
+        fmodule = _MonkeyPatchBase(module, num_tasks, device, randomness)
+    except Exception:
+        # (Checked only on failure: patching stays one pass over the tree.)
+        inner = next((n for n, m in module.named_modules() if type(m) is _MonkeyPatchBase), None)
+        if inner is not None:
+            raise ValueError(
+                f"submodule {inner!r} of this module is a patched module; patch the module "
+                "that holds the original one instead"
+            ) from None
+        raise
     if encapsulator is not None:
         encapsulator(fmodule, module)
     if fmodule._fast_params is None:

@@ -106,6 +106,15 @@ def test_patching_a_patched_module(mlp, patch):
         getattr(hf_patch, patch)(fmodel)
 
 
+@pytest.mark.parametrize("patch", ["monkeypatch", "make_functional"])
+def test_patching_a_module_that_holds_a_patched_module(mlp, patch):
+    # The patched module is an nn.Module to torch, so it can be a child; patching the parent
+    # again is refused as higher refused it, naming the child.
+    parent = torch.nn.Sequential(hf_patch.monkeypatch(mlp.model), torch.nn.Identity())
+    with pytest.raises(ValueError, match=r"submodule '0' of this module is a patched module"):
+        getattr(hf_patch, patch)(parent)
+
+
 def test_track_higher_grads_must_be_bool(mlp):
     fmodel = hf_patch.monkeypatch(mlp.model)
     with pytest.raises(TypeError, match="track_higher_grads must be a bool, got int"):
