@@ -43,7 +43,10 @@ def check_bool(name: str, value: Any) -> bool:
         TypeError: it is not (``1`` or ``"yes"`` are refused: a flag is meant).
     """
     if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+        raise TypeError(
+            f"{name} must be a bool, got {type(value).__name__} {value!r} (a flag: pass True "
+            "or False)"
+        )
     return value
 
 

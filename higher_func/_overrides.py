@@ -35,12 +35,23 @@ def is_number(x: Any) -> bool:
 
 def as_list(value: Any) -> Optional[List[Any]]:
     """``value`` as a list if it is a sequence (``len()`` and indexing, as higher required:
-    a list, a tuple, an ``nn.ParameterList`` or a slice of one), else None."""
-    if isinstance(value, (str, bytes, dict, torch.Tensor)):
+    a list, a tuple, an ``nn.ParameterList`` or a slice of one, or a 1-D tensor, whose
+    entries are its 0-dim elements, on the tape), else None."""
+    if isinstance(value, torch.Tensor):
+        # torch.tensor([lr], requires_grad=True) in place of [tensor(lr)], as legacy programs
+        # pass it; other shapes would be read along their first dim, which is never meant.
+        return list(value.unbind(0)) if value.dim() == 1 else None
+    if isinstance(value, (str, bytes, dict)):
         return None
     if not (hasattr(value, "__len__") and hasattr(value, "__getitem__")):
         return None
     return [value[i] for i in range(len(value))]
+
+
+def _described(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    return type(value).__name__
 
 
 def check_override(
@@ -83,8 +94,8 @@ def check_override(
         if values_list is None:
             raise TypeError(
                 f"override[{key!r}] must be a list (or any sequence, e.g. an "
-                "nn.ParameterList): [value] for all groups or one value per group, got "
-                f"{type(values).__name__}"
+                "nn.ParameterList or a 1-D tensor): [value] for all groups or one value per "
+                f"group, got {_described(values)}"
             )
         if len(values_list) not in (1, len(groups)):
             raise ValueError(
@@ -99,8 +110,17 @@ def check_override(
                 shapes = [shape for group in group_shapes for shape in group]
             else:
                 shapes = group_shapes[g]
-            checked[key].append(_check_value(key, value, groups[0][key], num_tasks, shapes))
+            current = _current(groups, key, g if len(values_list) > 1 else None)
+            checked[key].append(_check_value(key, value, current, num_tasks, shapes))
     return checked
+
+
+def _current(groups: List[Dict[str, Any]], key: str, g: Optional[int]) -> Any:
+    """The value an override of ``key`` replaces, which fixes its type: group ``g``'s, or,
+    for one value for all groups (``g`` None), the first group's that is not None."""
+    if g is not None:
+        return groups[g].get(key)
+    return next((group[key] for group in groups if group.get(key) is not None), None)
 
 
 def _check_value(
@@ -110,7 +130,16 @@ def _check_value(
     num_tasks: Optional[int],
     shapes: Optional[List[torch.Size]],
 ) -> Any:
-    """Check one override value against the group's current one; return it normalised."""
+    """Check one override value against the group's current one; return it normalised.
+
+    A current value of None is a placeholder (``lr=None`` in a group, filled in by the
+    override, as higher allowed): any number, tensor or pair of them replaces it.
+    """
+    if current is None and value is not None:
+        items = as_list(value)
+        if items is not None:  # a pair, such as betas
+            return tuple(_check_value(key, v, 0.0, num_tasks, shapes) for v in items)
+        return _check_value(key, value, 0.0, num_tasks, shapes)
     if isinstance(current, bool) or current is None or isinstance(current, str):
         if type(value) is not type(current):
             raise TypeError(f"override[{key!r}] must be a {type(current).__name__}, got {value!r}")

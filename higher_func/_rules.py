@@ -9,7 +9,8 @@ function runs unchanged under ``torch.func.vmap`` and ``torch.compile(fullgraph=
 Conventions shared by every rule:
 
 * ``state`` is the per-parameter dict of ``torch.optim`` with the same keys, except that
-  ``state["step"]`` is a Python ``int`` (``torch.optim`` keeps a float tensor). An empty dict
+  ``state["step"]`` is a Python ``int`` (``torch.optim`` keeps a float tensor; the higher
+  variants keep an imported one, as higher did, and the others read it once). An empty dict
   means "first step"; missing entries are created the way ``torch.optim`` creates them.
   Scalar state other than ``step`` (ASGD's ``eta`` and ``mu``, NAdam's ``mu_product``) is
   returned as 0-dim tensors on the parameter's device, in the parameter's dtype but at least
@@ -260,19 +261,21 @@ def _signed(grad: Tensor, maximize: bool) -> Tensor:
 
 
 def _next_step(state: State) -> int:
-    """The 1-based index of the step being taken, from ``state["step"]`` (default 0).
-
-    Raises:
-        TypeError: if ``state["step"]`` is a tensor; it must be a Python int so that the bias
-            corrections are exact Python floats and no tensor value steers control flow.
-    """
+    """The 1-based index of the step being taken, from ``state["step"]`` (default 0), as a
+    Python int, so that the bias corrections are exact Python floats and no tensor value
+    steers control flow. A tensor step (torch.optim's, kept by higher's numerics) is read once
+    into an int."""
     step = state.get("step", 0)
     if _is_tensor(step):
-        raise TypeError(
-            "state['step'] must be a Python int, got a tensor; convert a torch.optim state "
-            "with int(state['step'])."
-        )
+        step = int(step)
     return step + 1
+
+
+def _next_step_higher(state: State) -> Scalar:
+    """``state["step"] + 1`` as higher 0.2.1 advanced it: a Python int for state it created,
+    but torch.optim's float32 tensor for state imported from a ``torch.optim`` optimizer,
+    whose bias corrections and decayed learning rates are then float32 tensor arithmetic."""
+    return state.get("step", 0) + 1
 
 
 def _power(beta: Scalar, step: int) -> Scalar:
@@ -536,7 +539,7 @@ def adam_higher(
     turned it into a Python float with ``math.sqrt``).
     """
     beta1, beta2 = betas
-    step = _next_step(state)
+    step = _next_step_higher(state)
     grad = _signed(grad, maximize)
     if decoupled_weight_decay:
         param, grad = _apply_weight_decay(param, grad, lr, weight_decay, True)
@@ -693,7 +696,7 @@ def adadelta_higher(
     ``avg * rho + (1 - rho) * x * x`` and the step ``param + (-lr) * delta``, each rounded
     as higher rounds them.
     """
-    step = _next_step(state)
+    step = _next_step_higher(state)
     grad = _signed(grad, maximize)
     if not _is_zero(weight_decay):
         grad = grad + weight_decay * param
@@ -769,7 +772,7 @@ def adagrad_higher(
     arithmetic; the step is ``param + (-clr) * (g / (sqrt(s_t) + eps))``. Same arguments
     and state as :func:`adagrad`.
     """
-    step = _next_step(state)
+    step = _next_step_higher(state)
     grad = _signed(grad, maximize)
     if not _is_zero(weight_decay):
         grad = grad + weight_decay * param
@@ -777,7 +780,7 @@ def adagrad_higher(
     if state_sum is None:
         state_sum = _filled_like(param, initial_accumulator_value)
     state_sum = state_sum + 1 * grad * grad
-    step_counter = torch.tensor(float(step), dtype=torch.float32)
+    step_counter = step if _is_tensor(step) else torch.tensor(float(step), dtype=torch.float32)
     clr = lr / (1 + (step_counter - 1) * lr_decay)
     std = _safe_sqrt(state_sum) + eps
     return param + (-clr) * (grad / std), {**state, "step": step, "sum": state_sum}
@@ -842,7 +845,7 @@ def adamax_higher(
     arguments and state as :func:`adamax`.
     """
     beta1, beta2 = betas
-    step = _next_step(state)
+    step = _next_step_higher(state)
     grad = _signed(grad, maximize)
     if not _is_zero(weight_decay):
         grad = grad + weight_decay * param
@@ -938,7 +941,7 @@ def asgd_higher(
     :func:`asgd`. A tensor ``lr`` stays on the tape through ``eta`` (higher's ``math.pow``
     turned that factor into a Python float), so its meta-gradient differs from higher's.
     """
-    step = _next_step(state)
+    step = _next_step_higher(state)
     grad = _signed(grad, maximize)
     if not _is_zero(weight_decay):
         grad = grad + weight_decay * param
@@ -959,7 +962,10 @@ def asgd_higher(
         new_eta = lr / (denominator.to(lr.dtype) if _is_tensor(lr) else denominator)
     else:
         new_eta = lr / math.pow(base, alpha)
-    new_mu = 1 / torch.clamp(step - t0, min=1) if _is_tensor(t0) else 1 / max(1, step - t0)
+    if _is_tensor(t0) or _is_tensor(step):
+        new_mu = 1 / torch.clamp(step - t0, min=1)
+    else:
+        new_mu = 1 / max(1, step - t0)
     new_state = {**state, "step": step, "eta": new_eta, "mu": new_mu, "ax": ax}
     return new_param, new_state
 
@@ -1041,7 +1047,7 @@ def rmsprop_higher(
 
     Same formula, arguments and state as :func:`rmsprop`.
     """
-    step = _next_step(state)
+    step = _next_step_higher(state)
     grad = _signed(grad, maximize)
     if not _is_zero(weight_decay):
         grad = grad + weight_decay * param
@@ -1139,7 +1145,7 @@ def rprop_higher(
     """
     etaminus, etaplus = etas
     step_size_min, step_size_max = step_sizes
-    step = _next_step(state)
+    step = _next_step_higher(state)
     grad = _signed(grad, maximize)
     prev = _zeros_like(state, "prev", param)
     step_size = state.get("step_size")

@@ -1,7 +1,10 @@
 """Optimizer state across the boundary with ``torch.optim``.
 
 Imported state (``get_diff_optim`` on an optimizer that has already trained) is copied and
-detached, with ``step`` as a Python int, which the rules branch on. Exported state
+detached, with ``step`` as a Python int, which the rules branch on; under higher's numerics
+``step`` stays the float32 tensor torch.optim keeps, as higher imported it (its bias
+corrections are then float32 tensor arithmetic, which the higher variants of the rules
+reproduce). Exported state
 (``DifferentiableOptimizer.state_dict``) is in ``torch.optim``'s format: ``step`` a float32
 tensor, every tensor a detached copy, learned hyperparameters plain Python numbers.
 """
@@ -18,15 +21,19 @@ __all__ = ["export_state", "import_state", "select_task", "to_python", "unstacke
 
 
 def import_state(
-    state: Dict[str, Any], device: Optional[torch.device], num_tasks: Optional[int]
+    state: Dict[str, Any],
+    device: Optional[torch.device],
+    num_tasks: Optional[int],
+    tensor_step: bool = False,
 ) -> Dict[str, Any]:
-    """A detached copy of one parameter's ``torch.optim`` state, with ``step`` as an int (and
-    every tensor repeated per task when batched)."""
+    """A detached copy of one parameter's ``torch.optim`` state, with ``step`` as an int (a
+    tensor copy instead with ``tensor_step``, where torch.optim keeps a tensor), and every
+    tensor repeated per task when batched."""
     copied = {}
     for key, value in state.items():
         if value is None:
             continue
-        if key == "step":
+        if key == "step" and not (tensor_step and isinstance(value, torch.Tensor)):
             value = int(value.item()) if isinstance(value, torch.Tensor) else int(value)
         elif isinstance(value, torch.Tensor):
             value = value.detach()

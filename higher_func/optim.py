@@ -48,7 +48,7 @@ patched module's weights by identity, not by position.
 from __future__ import annotations
 
 import collections
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Sequence, Type
+from typing import Any, Callable, DefaultDict, Dict, Iterable, List, Optional, Sequence, Type
 
 import torch
 
@@ -72,6 +72,8 @@ from ._state import export_state, import_state, select_task, to_python, unstacke
 _OverrideType = OverrideType  # higher's name, kept for code that annotates with it
 _GradCallbackType = Callable[[List[Optional[torch.Tensor]]], List[Optional[torch.Tensor]]]
 _GroupedGradsType = List[List[Optional[torch.Tensor]]]
+_StateType = List[DefaultDict[int, Any]]
+_GradClosureType = Callable[[torch.Tensor], torch.Tensor]
 
 __all__ = [
     "OPTIMIZERS",
@@ -183,9 +185,12 @@ class DifferentiableOptimizer:
             self._group_to_param_list.append(indices)
             self.state.append(collections.defaultdict(dict))
             if other.state:  # (a fresh SGD or Adam has none: skip hashing every tensor)
+                tensor_step = _numerics.get_numerics() == "higher"  # as higher imported it
                 for i, p in enumerate(group["params"]):
                     if other.state.get(p):
-                        self.state[g][i] = import_state(other.state[p], device, self.num_tasks)
+                        self.state[g][i] = import_state(
+                            other.state[p], device, self.num_tasks, tensor_step
+                        )
         self._num_params = len(fast_weights)
         self._one_group_in_order = self._group_to_param_list == [list(range(len(fast_weights)))]
         # Whether step()'s fast weights are the patched module's, in its order and shapes.
@@ -408,8 +413,17 @@ class DifferentiableOptimizer:
             )
         mode = _numerics.get_numerics()
         update = rule.select(mode)
-        for group, grads, states in zip(self.param_groups, grouped_grads, self.state):
+        for index, (group, grads, states) in enumerate(
+            zip(self.param_groups, grouped_grads, self.state)
+        ):
             hyper = {k: group[k] for k in rule.hyperparameters if k in group}
+            if any(v is None for v in hyper.values()):
+                unset = [k for k, v in hyper.items() if v is None]
+                raise TypeError(
+                    f"parameter group {index} has {unset[0]}=None: give it a value with "
+                    f"override={{{unset[0]!r}: [value]}} (when creating the optimizer or in "
+                    "step())"
+                )
             # The task count when some hyperparameter holds one value per task, else None.
             per_task = self.num_tasks
             if per_task is not None and not has_per_task(hyper, per_task):
@@ -584,35 +598,96 @@ def _num_tasks(num_tasks: Optional[int], fmodel: Any) -> Optional[int]:
     return num_tasks
 
 
-def _optimizer_class(opt_type: Type[torch.optim.Optimizer], rule: UpdateRule) -> Type[Any]:
-    """``Differentiable<Name>``: the class ``get_diff_optim`` makes for ``opt_type``."""
-    name = f"Differentiable{opt_type.__name__}"
-    doc = (
-        f"A differentiable ``torch.optim.{opt_type.__name__}``: the update of "
-        f"``higher_func._rules.{rule.update.__name__}`` on the autograd tape.\n\n"
-        "See ``DifferentiableOptimizer`` for the arguments."
-    )
-    namespace = {"rule": rule, "__doc__": doc, "__module__": __name__, "__qualname__": name}
-    return type(name, (DifferentiableOptimizer,), namespace)
+class DifferentiableSGD(DifferentiableOptimizer):
+    """Differentiable ``torch.optim.SGD`` (rule ``sgd``, higher's ``sgd_higher``)."""
 
+    rule = OPTIMIZERS[torch.optim.SGD]
+
+
+class DifferentiableAdam(DifferentiableOptimizer):
+    """Differentiable ``torch.optim.Adam`` (rule ``adam``, higher's ``adam_higher``)."""
+
+    rule = OPTIMIZERS[torch.optim.Adam]
+
+
+class DifferentiableAdamW(DifferentiableOptimizer):
+    """Differentiable ``torch.optim.AdamW`` (rule ``adamw``; not in higher)."""
+
+    rule = OPTIMIZERS[torch.optim.AdamW]
+
+
+class DifferentiableAdadelta(DifferentiableOptimizer):
+    """Differentiable ``torch.optim.Adadelta`` (rule ``adadelta``, higher's ``adadelta_higher``)."""
+
+    rule = OPTIMIZERS[torch.optim.Adadelta]
+
+
+class DifferentiableAdagrad(DifferentiableOptimizer):
+    """Differentiable ``torch.optim.Adagrad`` (rule ``adagrad``, higher's ``adagrad_higher``)."""
+
+    rule = OPTIMIZERS[torch.optim.Adagrad]
+
+
+class DifferentiableAdamax(DifferentiableOptimizer):
+    """Differentiable ``torch.optim.Adamax`` (rule ``adamax``, higher's ``adamax_higher``)."""
+
+    rule = OPTIMIZERS[torch.optim.Adamax]
+
+
+class DifferentiableASGD(DifferentiableOptimizer):
+    """Differentiable ``torch.optim.ASGD`` (rule ``asgd``, higher's ``asgd_higher``)."""
+
+    rule = OPTIMIZERS[torch.optim.ASGD]
+
+
+class DifferentiableRMSprop(DifferentiableOptimizer):
+    """Differentiable ``torch.optim.RMSprop`` (rule ``rmsprop``, higher's ``rmsprop_higher``).
+
+    Differs from higher: no warning about gradient correctness at construction (the rule
+    has no NaN-masking hook to warn about)."""
+
+    rule = OPTIMIZERS[torch.optim.RMSprop]
+
+
+class DifferentiableRprop(DifferentiableOptimizer):
+    """Differentiable ``torch.optim.Rprop`` (rule ``rprop``, higher's ``rprop_higher``).
+
+    Differs from higher: no warning at construction that meta-gradients through the sign
+    of the gradient are zero (they are, as in higher)."""
+
+    rule = OPTIMIZERS[torch.optim.Rprop]
+
+
+class DifferentiableNAdam(DifferentiableOptimizer):
+    """Differentiable ``torch.optim.NAdam`` (rule ``nadam``; not in higher)."""
+
+    rule = OPTIMIZERS[torch.optim.NAdam]
+
+
+class DifferentiableRAdam(DifferentiableOptimizer):
+    """Differentiable ``torch.optim.RAdam`` (rule ``radam``; not in higher)."""
+
+    rule = OPTIMIZERS[torch.optim.RAdam]
+
+
+_OptMappingType = Dict[type, Type[DifferentiableOptimizer]]
 
 #: ``torch.optim`` class -> its differentiable class, as in higher: ``get_diff_optim`` looks
-#: the optimizer's type up here and ``register_optim`` adds to it. One class per entry of
-#: ``higher_func._rules.OPTIMIZERS`` is made (and exported) here; nothing else lists them.
-_opt_mapping: Dict[type, Type[DifferentiableOptimizer]] = {}
-for _opt_type, _rule in _rules.OPTIMIZERS.items():
-    _class = _optimizer_class(_opt_type, _rule)
-    globals()[_class.__name__] = _opt_mapping[_opt_type] = _class
-    __all__.append(_class.__name__)
-del _opt_type, _rule, _class
-
-if TYPE_CHECKING:
-    # The Differentiable<Name> classes are made in the loop above, which type checkers do
-    # not run: tell them that any other name imported from here is one of those classes.
-    def __getattr__(name: str) -> Type[DifferentiableOptimizer]: ...
+#: the optimizer's type up here and ``register_optim`` adds to it. Built from the registry
+#: ``higher_func._rules.OPTIMIZERS``: an entry without its class above fails here, at import,
+#: and ``tests/test_surface.py`` checks that each class runs its entry's rule.
+_opt_mapping: _OptMappingType = {
+    opt_type: globals()[f"Differentiable{opt_type.__name__}"] for opt_type in OPTIMIZERS
+}
+__all__ += [cls.__name__ for cls in _opt_mapping.values()]
 
 
-def _differentiable_type(opt_type: type) -> Type[DifferentiableOptimizer]:
+def _differentiable_type(opt_type: Any) -> Type[DifferentiableOptimizer]:
+    if not isinstance(opt_type, type):
+        raise TypeError(
+            f"expected a torch.optim.Optimizer class, got {type(opt_type).__name__} "
+            f"{opt_type!r} (pass the class itself, e.g. torch.optim.SGD)"
+        )
     try:
         return _opt_mapping[opt_type]
     except KeyError:
@@ -643,6 +718,16 @@ def get_diff_optim(
     Raises:
         ValueError: ``opt``'s type is not registered (the message says how to register it).
     """
+    if isinstance(opt, type):
+        raise TypeError(
+            f"get_diff_optim takes an optimizer instance, got the class {opt.__name__}: build "
+            f"it first ({opt.__name__}(model.parameters(), ...)), or use "
+            f"create_diff_optim({opt.__name__}, opt_kwargs, fmodel=fmodel)"
+        )
+    if not isinstance(opt, torch.optim.Optimizer):
+        raise TypeError(
+            f"get_diff_optim takes a torch.optim.Optimizer, got {type(opt).__name__} {opt!r}"
+        )
     return _differentiable_type(type(opt))(
         opt,
         reference_params,
@@ -677,6 +762,12 @@ def create_diff_optim(
     Raises:
         ValueError: neither ``params`` nor ``fmodel`` is given, or ``opt_type`` is unknown.
     """
+    if isinstance(opt_type, torch.optim.Optimizer):
+        raise TypeError(
+            "create_diff_optim takes an optimizer class, got an instance of "
+            f"{type(opt_type).__name__}: use get_diff_optim(opt, model.parameters(), "
+            "fmodel=fmodel) for an existing optimizer"
+        )
     diff_type = _differentiable_type(opt_type)
     if params is not None:
         params = list(params)
@@ -758,6 +849,61 @@ def _addcmul(
     if a3 is None:
         return tensor + 1.0 * a1 * a2
     return tensor + a1 * a2 * a3
+
+
+def _get_mask_closure(mask: torch.Tensor) -> _GradClosureType:
+    """A gradient hook zeroing the entries where ``mask`` is True, and registering itself on
+    the gradient too when that gradient requires grad (so higher orders are masked as well)."""
+
+    def closure(grad: torch.Tensor) -> torch.Tensor:
+        grad = torch.where(mask, torch.zeros_like(grad), grad)
+        if grad.requires_grad:
+            grad.register_hook(_get_mask_closure(mask))
+        return grad
+
+    return closure
+
+
+def _maybe_mask(tensor: torch.Tensor, mask: torch.Tensor) -> None:
+    """Zero the gradients reaching ``tensor`` where ``mask`` is True (if it requires grad).
+
+    higher's built-in optimizers hid the NaN of ``sqrt'(0)`` this way; its subclasses copied
+    from them still call it, so it is kept, with the same effect. The rules here need no hook
+    (see ``_rules._safe_sqrt``), which is also what lets them run under ``torch.compile``.
+    """
+    if tensor.requires_grad:
+        tensor.register_hook(_get_mask_closure(mask))
+
+
+def _recursive_apply(replacement: Any, target: Any) -> Any:
+    """``replacement`` written into ``target``, as higher's ``apply_trainable_opt_params``
+    wrote a learned value back: a tensor into a number becomes that number's type (an ``int``
+    target truncates it, as in higher), a tensor into a tensor is copied into the target's
+    storage (the target returned), and lists, tuples, dicts and sets are matched item by item.
+
+    Raises:
+        ValueError: ``replacement`` does not fit the structure or type of ``target``.
+    """
+    is_container = isinstance(target, (list, tuple, dict, set))
+    if not isinstance(replacement, type(target)):
+        if isinstance(replacement, torch.Tensor) and not is_container:
+            return type(target)(replacement.item())
+        raise ValueError(
+            f"cannot write a {type(replacement).__name__} into {target!r}, a "
+            f"{type(target).__name__}"
+        )
+    if isinstance(target, torch.Tensor):
+        target.data = replacement.to(target.device).data
+        return target
+    if isinstance(target, dict):
+        pairs = zip(replacement.values(), target.items())
+        return type(target)((k, _recursive_apply(r, t)) for r, (k, t) in pairs)
+    if is_container:
+        return type(target)(_recursive_apply(r, t) for r, t in zip(replacement, target))
+    raise ValueError(
+        f"cannot write a {type(replacement).__name__} into a {type(target).__name__}: "
+        "expected tensors, or lists, tuples, dicts or sets of them"
+    )
 
 
 def _module_parameters(fmodel: Any, reference_params: List[torch.Tensor]) -> List[torch.Tensor]:

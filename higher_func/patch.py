@@ -20,8 +20,13 @@ Example:
     >>> fmodel.update_params([p - 0.1 * g for p, g in zip(fmodel.parameters(), grads)])
     >>> fmodel(torch.randn(8, 3)).sum().backward()  # gradients reach model.weight, model.bias
 
-Differs from higher: the patched module itself is a plain object, not an ``nn.Module`` (its
-submodules are real modules); the methods of ``nn.Module`` that would convert or overwrite the
+To ``isinstance`` and to torch the patched module is an ``nn.Module`` and an instance of the
+model's class, as higher's patched modules were (``type(fmodel)`` is the proxy class, never a
+subclass of the model's): it can be stored as a child of another module, whose calls,
+``modules()``, ``parameters()``, ``state_dict()`` and ``load_state_dict()`` reach the fast
+weights as with higher.
+
+Differs from higher: the methods of ``nn.Module`` that would convert or overwrite the
 fast weights (``to``, ``cuda``, ``double``, ``load_state_dict``...) are refused with an error
 saying what to do instead; ``make_functional`` copies the buffers at once, so ``buffer_sync``
 is only needed to refresh them; assigning a plain tensor to a parameter name of a submodule
@@ -55,6 +60,13 @@ from . import _compile
 from ._batching import TaskBatch as _TaskBatch
 from ._checks import UnknownKeyError, check_bool, check_task, same_device
 from ._compat import is_compiling as _is_compiling
+from ._legacy import HIGHER_ATTRIBUTES as _HIGHER_ATTRIBUTES
+from ._legacy import _internal_attrs as _internal_attrs
+from ._legacy import _make_functional as _make_functional
+from ._legacy import _modify_internally as _modify_internally
+from ._legacy import _ParameterPlaceholder as _ParameterPlaceholder
+from ._legacy import _patched_parameters as _patched_parameters
+from ._legacy import _update_patched_params as _update_patched_params
 from ._tree import ModuleTree as _ModuleTree
 
 _Params = Union[Sequence[_torch.Tensor], Mapping[str, _torch.Tensor]]
@@ -74,8 +86,12 @@ class _MonkeyPatchBase:
     """What every patched module is an instance of: a proxy for the patch's own copy of the
     module, holding the history of its fast weights.
 
-    Differs from higher: a plain object, not a ``torch.nn.Module`` subclass, so that Dynamo can
-    build one inside a compiled meta-step.
+    ``isinstance(fmodel, nn.Module)`` and ``isinstance(fmodel, ModelClass)`` hold (its
+    ``__class__`` is the model's class), as with higher. Differs from higher: ``type(fmodel)``
+    is this plain class, neither an ``nn.Module`` subclass nor a subclass of the model's class
+    built per patch, so that Dynamo can build one inside a compiled meta-step; higher's own
+    attributes of a patched module (``root``, ``_param_mapping``...) are read only where the
+    model has no attribute of that name.
     """
 
     _module: _nn.Module
@@ -108,6 +124,14 @@ class _MonkeyPatchBase:
         if tree.buffers:
             buffers = [self._stack(b.detach()) for b in tree.buffers]
             tree.write_buffers(buffers if device is None else [b.to(device) for b in buffers])
+
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:
+        # isinstance(fmodel, nn.Module / the model's class) holds, as with higher's patched
+        # modules, and torch accepts it as a child module; type(fmodel) stays this proxy
+        # class. (Before __init__ has run, as when Dynamo builds one, it is the proxy class.)
+        module = self.__dict__.get("_hf_module")
+        return type(self) if module is None else type(module)
 
     def __deepcopy__(self, memo: dict) -> Any:
         raise TypeError(
@@ -156,9 +180,17 @@ class _MonkeyPatchBase:
         if name.startswith("__") or tree is None:
             raise AttributeError(name)
         _refuse(name, tree.root)
-        if self._hf_tasks is None:
-            return getattr(tree.root, name)
-        return _batched_attr(self, tree.root, name)
+        try:
+            if self._hf_tasks is None:
+                return getattr(tree.root, name)
+            return _batched_attr(self, tree.root, name)
+        except AttributeError:
+            # higher's own attributes of a patched module (root, _param_mapping...), only
+            # where the module has none of that name.
+            legacy = _HIGHER_ATTRIBUTES.get(name)
+            if legacy is None:
+                raise
+            return legacy(self)
 
     def __setattr__(self, name: str, value: Any) -> None:
         # A parameter name replaces that fast weight, as in higher; the patch's own properties
@@ -209,14 +241,43 @@ class _MonkeyPatchBase:
         self, memo: Optional[set] = None, prefix: str = "", remove_duplicate: bool = True
     ) -> Iterator[Tuple[str, Any]]:
         """``(name, module)`` for the patched module itself and each of its submodules (the
-        patch's copies, or their per-task proxies with ``num_tasks``)."""
+        patch's copies, or their per-task proxies with ``num_tasks``).
+
+        ``memo`` is honoured as ``nn.Module.named_modules`` honours it, so a module holding
+        the patched module as a child (``self.q_net = fmodel``) lists it once.
+        """
+        if memo is None:
+            memo = set()
+        if remove_duplicate:
+            if self in memo:
+                return
+            memo.add(self)
         yield prefix, self
-        named = self._hf_tree.root.named_modules(memo, prefix, remove_duplicate)
-        next(named)  # the root copy: the patched module stands for it
-        yield from ((n, self._wrap(m)) for n, m in named)
+        # The root copy's children, not the root copy itself: the patched module stands for it.
+        for name, child in self._hf_tree.root._modules.items():
+            if child is not None:
+                named = child.named_modules(
+                    memo, prefix + ("." if prefix else "") + name, remove_duplicate
+                )
+                yield from ((n, self._wrap(m)) for n, m in named)
 
     def modules(self) -> Iterator[Any]:
         return (m for _, m in self.named_modules())
+
+    def apply(self, fn: Callable[[Any], None]) -> "_MonkeyPatchBase":
+        """``fn`` on every submodule (the patch's copies), then on the patched module itself,
+        as ``nn.Module.apply`` does; what ``fn`` changes is the patch's, never the model's.
+
+        Example:
+            >>> fmodel = monkeypatch(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5)))
+            >>> _ = fmodel.apply(lambda m: m.eval() if isinstance(m, nn.Dropout) else None)
+            >>> fmodel[1].training
+            False
+        """
+        for child in self.children():
+            child.apply(fn)
+        fn(self)
+        return self
 
     def train(self, mode: bool = True) -> "_MonkeyPatchBase":
         """Set the training flags of the patch's copy of the module (the module's own
@@ -286,6 +347,7 @@ class _MonkeyPatchBase:
     def state_dict(
         self,
         *args: Any,
+        destination: Optional[Dict[str, Any]] = None,
         prefix: str = "",
         keep_vars: bool = False,
         task: Optional[int] = None,
@@ -295,7 +357,8 @@ class _MonkeyPatchBase:
         into the original module's class (to save an adapted model).
 
         Args:
-            prefix, keep_vars: as in ``nn.Module.state_dict``.
+            destination, prefix, keep_vars: as in ``nn.Module.state_dict`` (a module holding
+                the patched module as a child passes all three).
             task: with ``num_tasks``, which task's weights to export (required then).
 
         Raises:
@@ -305,7 +368,8 @@ class _MonkeyPatchBase:
         """
         if args or kwargs:
             raise TypeError(
-                "state_dict() of a patched module takes only prefix=, keep_vars= and task="
+                "state_dict() of a patched module takes only destination=, prefix=, keep_vars= "
+                "and task="
             )
         check_task(task, self.num_tasks, "patched module")
         tree = self._hf_tree
@@ -320,7 +384,13 @@ class _MonkeyPatchBase:
                 stacked = task is not None and not key.endswith("_extra_state")
                 tensor = tensor[task] if stacked else tensor
                 state[key] = tensor if keep_vars else tensor.detach()
-        return state
+        if destination is None:
+            return state
+        destination.update(state)
+        metadata = getattr(destination, "_metadata", None)
+        if metadata is not None:
+            metadata.update(getattr(state, "_metadata", {}))
+        return destination
 
     def get_parameter(self, target: str) -> _torch.Tensor:
         """The current fast weight called ``target`` (any of a tied weight's names)."""
@@ -471,7 +541,9 @@ class _MonkeyPatchBase:
         return f"MonkeyPatched({self._hf_module!r}) [{steps}]"
 
     def __dir__(self) -> List[str]:
-        return sorted(set(object.__dir__(self)) | set(dir(self._hf_tree.root)))
+        # (object.__dir__ would read the class from __class__, i.e. the module's class.)
+        names = set(self.__dict__) | set(dir(type(self))) | set(dir(self._hf_tree.root))
+        return sorted(names | set(_HIGHER_ATTRIBUTES))
 
 
 def _refuse_new_module(name: str) -> None:
@@ -661,7 +733,7 @@ def make_functional(
         The patched module, holding copies of ``module``'s buffers.
 
     Raises:
-        ValueError: ``module`` is already a patched module.
+        ValueError: ``module`` is already a patched module, or holds one as a submodule.
     """
     if isinstance(module, _MonkeyPatchBase):
         raise ValueError(
@@ -669,7 +741,17 @@ def make_functional(
         )
     if not isinstance(module, _nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(module).__name__}")
-    fmodule = _MonkeyPatchBase(module, num_tasks, device, randomness)
+    try:
+        fmodule = _MonkeyPatchBase(module, num_tasks, device, randomness)
+    except Exception:
+        # (Checked only on failure: patching stays one pass over the tree.)
+        inner = next((n for n, m in module.named_modules() if type(m) is _MonkeyPatchBase), None)
+        if inner is not None:
+            raise ValueError(
+                f"submodule {inner!r} of this module is a patched module; patch the module "
+                "that holds the original one instead"
+            ) from None
+        raise
     if encapsulator is not None:
         encapsulator(fmodule, module)
     if fmodule._fast_params is None:
@@ -744,7 +826,7 @@ def monkeypatch(
 
     Raises:
         ValueError: ``module`` is already patched, or ``num_tasks`` is not a positive int.
-        TypeError: ``track_higher_grads`` is not a bool.
+        TypeError: ``copy_initial_weights`` or ``track_higher_grads`` is not a bool.
 
     Example (batched):
         >>> model = torch.nn.Linear(3, 1)
@@ -752,6 +834,10 @@ def monkeypatch(
         >>> fmodel(torch.randn(4, 10, 3)).shape  # one batch of 10 inputs per task
         torch.Size([4, 10, 1])
     """
+
+    # A flag, never a truthy value: copy_initial_weights="no" would silently copy.
+    check_bool("copy_initial_weights", copy_initial_weights)
+    check_bool("track_higher_grads", track_higher_grads)
 
     def encapsulator(fmodule: _MonkeyPatchBase, module: _nn.Module) -> None:
         originals = fmodule._hf_tree.params

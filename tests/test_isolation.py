@@ -473,10 +473,12 @@ def test_models_without_checkpointing_pay_nothing_for_the_guard():
     assert not fmodel[0]._forward_pre_hooks
 
 
-def test_patched_module_is_still_not_a_subclass_instance():
-    fmodel = higher_func.monkeypatch(nn.Linear(2, 2))
+def test_patched_module_is_an_instance_of_the_class_without_subclassing_it():
+    model = nn.Linear(2, 2)
+    fmodel = higher_func.monkeypatch(model)
     assert isinstance(fmodel, hf_patch._MonkeyPatchBase)
-    assert not isinstance(fmodel, nn.Module)
+    assert isinstance(fmodel, nn.Linear)  # isinstance reads __class__, as with higher
+    assert type(fmodel) is hf_patch._MonkeyPatchBase and type(model) is nn.Linear
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import copy
 import os
 import subprocess
 import sys
+import warnings
 
 import higher
 import higher.optim
@@ -495,3 +496,338 @@ def test_history_state_dict_and_custom_methods_after_the_context(higher_numerics
     _assert_equal(ours[0], theirs[0])
     _assert_equal(ours[1], theirs[1])
     _assert_equal([ours[2], ours[3]], [theirs[2], theirs[3]])
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. The patched module as an nn.Module: isinstance, a child of another module, apply()
+# ---------------------------------------------------------------------------------------------
+
+
+class Agent(nn.Module):
+    """A module whose child slot receives the patched module (``self.q_net = fmodel``), as
+    meta-RL programs do."""
+
+    def __init__(self, q_net: nn.Module) -> None:
+        super().__init__()
+        self.q_net = q_net
+        self.scale = nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale(self.q_net(x))
+
+
+def _agent_run(lib, net: Net, load_into_child: bool = False):
+    torch.manual_seed(3)
+    agent = Agent(Net())
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.5)
+    support, query = _data()
+    with lib.innerloop_ctx(net, opt, copy_initial_weights=False) as (f, d):
+        kinds = (isinstance(f, nn.Module), isinstance(f, Net))
+        agent.q_net = f
+        for batch in support:
+            d.step(F.mse_loss(agent(batch[0]), batch[1]))
+        if load_into_child:
+            torch.manual_seed(4)
+            agent.load_state_dict(Agent(Net()).state_dict())
+            return kinds, list(f.parameters())
+        loss = _loss(agent, query)
+        modules = [(isinstance(m, nn.Linear), isinstance(m, Net)) for m in agent.modules()]
+        names = [n for n, _ in agent.named_parameters()]
+        state = agent.state_dict()
+        grads = torch.autograd.grad(loss, list(net.parameters()) + list(agent.parameters()))
+        return kinds, modules, names, state, grads
+
+
+def test_patched_module_stored_as_a_child_module_behaves_as_highers(higher_numerics):
+    theirs, ours = (_agent_run(lib, net) for lib, net in zip((higher, higher_func), _net_pair()))
+    assert ours[0] == theirs[0] == (True, True)
+    assert ours[1] == theirs[1] and ours[2] == theirs[2]
+    assert list(ours[3]) == list(theirs[3])
+    assert list(ours[3]._metadata) == list(theirs[3]._metadata)
+    _assert_equal(ours[3].values(), theirs[3].values())
+    _assert_equal(ours[4], theirs[4])
+
+
+def test_load_state_dict_through_a_parent_writes_the_fast_weights_as_highers():
+    theirs, ours = (
+        _agent_run(lib, net, load_into_child=True)
+        for lib, net in zip((higher, higher_func), _net_pair())
+    )
+    _assert_equal(ours[1], theirs[1])
+
+
+def test_apply_visits_the_patched_modules_as_highers():
+    visits = []
+    for lib, net in zip((higher, higher_func), _net_pair()):
+        fmodel = lib.monkeypatch(net)
+        seen: list = []
+        assert fmodel.apply(seen.append) is fmodel
+        visits.append([(isinstance(m, nn.Linear), isinstance(m, Net)) for m in seen])
+        assert seen[-1] is fmodel
+    assert visits[0] == visits[1]
+
+
+def test_apply_that_edits_fast_weights_never_touches_the_model():
+    net = Net()
+    before = [p.detach().clone() for p in net.parameters()]
+    fmodel = higher_func.monkeypatch(net)
+
+    def zero_biases(m):
+        if isinstance(m, nn.Linear):
+            with torch.no_grad():
+                m.bias.zero_()
+
+    fmodel.apply(zero_biases)
+    assert all(b.abs().sum() == 0 for n, b in fmodel.named_parameters() if n.endswith("bias"))
+    _assert_equal(net.parameters(), before)
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. higher.patch._internal_attrs edited at import: weight-norm pre-hooks
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def pre_hooks_copied():
+    # The program's edit, on both libraries, undone afterwards.
+    edited = [higher.patch._internal_attrs, higher_func.patch._internal_attrs]
+    for attrs in edited:
+        attrs.discard("_forward_pre_hooks")
+    yield
+    for attrs in edited:
+        attrs.add("_forward_pre_hooks")
+
+
+def _weight_normed() -> nn.Module:
+    torch.manual_seed(6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the hook-style weight_norm
+        return nn.Sequential(nn.utils.weight_norm(nn.Linear(4, 8)), nn.Tanh(), nn.Linear(8, 2))
+
+
+def test_removing_forward_pre_hooks_from_internal_attrs_runs_weight_norm_as_higher(
+    higher_numerics, pre_hooks_copied
+):
+    results = []
+    support, query = _data()
+    for lib in (higher, higher_func):
+        net = _weight_normed()
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        fast, loss = _maml(lib, net, opt, support, query)
+        results.append((fast, torch.autograd.grad(loss, list(net.parameters()))))
+    _assert_equal(results[1][0], results[0][0])
+    _assert_equal(results[1][1], results[0][1])
+
+
+def test_internal_attrs_edits_change_nothing_here():
+    support, query = _data()
+    outputs = []
+    for edit in (False, True):
+        if edit:
+            higher_func.patch._internal_attrs.discard("_forward_pre_hooks")
+        try:
+            net = _weight_normed()
+            opt = torch.optim.SGD(net.parameters(), lr=0.1)
+            outputs.append(_maml(higher_func, net, opt, support, query)[1])
+        finally:
+            higher_func.patch._internal_attrs.add("_forward_pre_hooks")
+    _assert_equal([outputs[1]], [outputs[0]])
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. A subclass replacing DifferentiableOptimizer.step, written the way higher's step is
+# ---------------------------------------------------------------------------------------------
+
+
+def _first_order_capable(base):
+    """A subclass whose own ``step`` takes ``first_order=`` (gradients detached), built on
+    higher's internals: ``_fmodel``, ``_group_to_param_list``, ``_track_higher_grads``,
+    ``_grad_callback``, ``_apply_override``, ``_update`` and ``state[group][param]``."""
+
+    class FirstOrderCapable(base):
+        def step(self, loss, params=None, override=None, grad_callback=None, first_order=False):
+            if override is not None:
+                self._apply_override(override)
+            if params is None:
+                params = self._fmodel.fast_params
+            params = list(params)
+            targets = [p if p.requires_grad else torch.zeros(0, requires_grad=True) for p in params]
+            create_graph = self._track_higher_grads and not first_order
+            grads = torch.autograd.grad(loss, targets, create_graph=create_graph, allow_unused=True)
+            if first_order:
+                grads = [None if g is None else g.detach() for g in grads]
+            callback = grad_callback or self._grad_callback
+            if callback is not None:
+                grads = callback(grads)
+            grouped = []
+            for group, mapping in zip(self.param_groups, self._group_to_param_list):
+                group_grads = []
+                for slot, index in enumerate(mapping):
+                    group["params"][slot] = params[index]
+                    group_grads.append(grads[index])
+                grouped.append(group_grads)
+            self._update(grouped)
+            # Bookkeeping written into the per-parameter state, as such programs do.
+            for g_idx, mapping in enumerate(self._group_to_param_list):
+                for slot in range(len(mapping)):
+                    count = self.state[g_idx][slot].get("calls", 0)
+                    self.state[g_idx][slot]["calls"] = count + 1
+            new_params = list(params)
+            for group, mapping in zip(self.param_groups, self._group_to_param_list):
+                for p, index in zip(group["params"], mapping):
+                    new_params[index] = p if self._track_higher_grads else p.detach()
+            self._fmodel.update_params(new_params)
+            return new_params
+
+    return FirstOrderCapable
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("base", ["DifferentiableSGD", "DifferentiableAdam"])
+def test_subclass_replacing_step_matches_higher(higher_numerics, base, first_order):
+    results = []
+    support, query = _data()
+    lr = torch.tensor(0.05, requires_grad=True)
+    for lib, net in zip((higher, higher_func), _net_pair()):
+        net.body.bias.requires_grad_(False)
+        opt_type = torch.optim.SGD if base == "DifferentiableSGD" else torch.optim.Adam
+        kwargs = {"momentum": 0.9} if base == "DifferentiableSGD" else {}
+        opt = opt_type(_groups(net), lr=0.1, **kwargs)
+        fmodel = lib.monkeypatch(net, copy_initial_weights=False)
+        cls = _first_order_capable(getattr(lib.optim, base))
+        diffopt = cls(opt, net.parameters(), fmodel=fmodel, override={"lr": [lr, 0.1]})
+        for batch in support:
+            diffopt.step(_loss(fmodel, batch), first_order=first_order)
+        loss = _loss(fmodel, query)
+        trainable = [p for p in net.parameters() if p.requires_grad] + [lr]
+        calls = [s["calls"] for states in diffopt.state for s in states.values()]
+        results.append((list(fmodel.parameters()), torch.autograd.grad(loss, trainable), calls))
+    _assert_equal(results[1][0], results[0][0])
+    _assert_equal(results[1][1], results[0][1])
+    assert results[1][2] == results[0][2]
+
+
+# ---------------------------------------------------------------------------------------------
+# 10. Overrides that fill hyperparameters built as None
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("opt_type", [torch.optim.SGD, torch.optim.Adam], ids=["sgd", "adam"])
+def test_override_fills_a_none_learning_rate_as_higher(higher_numerics, opt_type):
+    results = []
+    for lib, net in zip((higher, higher_func), _net_pair()):
+        groups = [{**g, "lr": None} for g in _groups(net)]
+        opt = opt_type(groups, lr=0.1)
+        lrs = [torch.tensor(0.1, requires_grad=True), torch.tensor(0.02, requires_grad=True)]
+        support, query = _data()
+        fast, loss = _maml(lib, net, opt, support, query, override={"lr": lrs})
+        results.append((fast, torch.autograd.grad(loss, list(net.parameters()) + lrs)))
+    _assert_equal(results[1][0], results[0][0])
+    _assert_equal(results[1][1], results[0][1])
+
+
+def test_a_none_hyperparameter_left_unfilled_names_group_and_key():
+    net = Net()
+    opt = torch.optim.SGD([{"params": net.body.parameters(), "lr": None}], lr=0.1)
+    with higher_func.innerloop_ctx(net, opt) as (fmodel, diffopt):
+        before = list(fmodel.parameters())
+        with pytest.raises(TypeError, match=r"parameter group 0 has lr=None.*override=\{'lr'"):
+            diffopt.step(_loss(fmodel, _data()[1]))
+        _assert_equal(fmodel.parameters(), before)  # the failed step changed nothing
+        diffopt.step(_loss(fmodel, _data()[1]), override={"lr": [0.1]})
+
+
+# ---------------------------------------------------------------------------------------------
+# 11. A warm torch optimizer (already stepped) continued by an inner loop, bit for bit
+# ---------------------------------------------------------------------------------------------
+
+WARM = {
+    "sgd": (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}),
+    "adam": (torch.optim.Adam, {"lr": 0.01}),
+    "amsgrad": (torch.optim.Adam, {"lr": 0.01, "amsgrad": True, "weight_decay": 0.1}),
+    "adadelta": (torch.optim.Adadelta, {"lr": 1.0}),
+    "adagrad": (torch.optim.Adagrad, {"lr": 0.1, "lr_decay": 0.01}),
+    "adamax": (torch.optim.Adamax, {"lr": 0.01}),
+    "asgd": (torch.optim.ASGD, {"lr": 0.01, "t0": 2}),
+    "rmsprop": (torch.optim.RMSprop, {"lr": 0.01, "momentum": 0.5}),
+    "rprop": (torch.optim.Rprop, {"lr": 0.01}),
+}
+
+
+def _warm_inner_loop(lib, name: str, warm_steps: int):
+    net = _net_pair()[0]
+    opt_type, kwargs = WARM[name]
+    opt = opt_type(net.parameters(), foreach=False, **kwargs)
+    support, query = _data(seed=7, steps=warm_steps + 3)
+    for batch in support[:warm_steps]:
+        opt.zero_grad()
+        _loss(net, batch).backward()
+        opt.step()
+    fast, loss = _maml(lib, net, opt, support[warm_steps:], query)
+    return fast, torch.autograd.grad(loss, list(net.parameters()))
+
+
+@pytest.mark.parametrize("warm_steps", [0, 1, 5])
+@pytest.mark.parametrize("name", list(WARM))
+def test_inner_loop_from_a_warm_torch_optimizer_matches_higher(higher_numerics, name, warm_steps):
+    # higher imported torch.optim's state as it was, step counter included (a float32 tensor
+    # in today's torch), so its bias corrections ran in float32 tensor arithmetic.
+    expected = _warm_inner_loop(higher, name, warm_steps)
+    actual = _warm_inner_loop(higher_func, name, warm_steps)
+    _assert_equal(actual[0], expected[0])
+    _assert_equal(actual[1], expected[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# 12. Idioms found in public code (the search tool's code corpus)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_context_parameters_stepped_without_a_patched_module(higher_numerics):
+    # CAVIA-style: a differentiable optimizer over a context vector only, no fmodel; each
+    # step passes the vector and unpacks the one updated tensor.
+    results = []
+    for lib, net in zip((higher, higher_func), _net_pair()):
+        context = torch.zeros(4, requires_grad=True)
+        diffopt = lib.optim.get_diff_optim(torch.optim.SGD([context], lr=0.5), [context])
+        current = context
+        for x, y in _data()[0]:
+            (current,) = diffopt.step(F.mse_loss(net(x + current), y), params=[current])
+        x, y = _data()[1]
+        loss = F.mse_loss(net(x + current), y)
+        results.append([current, *torch.autograd.grad(loss, [context, *net.parameters()])])
+    _assert_equal(results[1], results[0])
+
+
+def test_private_type_names_annotate_legacy_code():
+    # `FuncModel = higher.patch._MonkeyPatchBase`, `from higher.optim import _GroupedGradsType`.
+    from higher_func.optim import _GradCallbackType, _GroupedGradsType, _OverrideType, _StateType
+    from higher_func.patch import _BufferType, _MonkeyPatchBase
+
+    assert all(t is not None for t in (_GradCallbackType, _GroupedGradsType, _OverrideType))
+    assert _StateType is not None and _BufferType is not None
+    assert isinstance(higher_func.monkeypatch(Net()), _MonkeyPatchBase)
+
+
+@pytest.mark.parametrize("per_group", [False, True])
+def test_override_given_as_a_one_dimensional_tensor(higher_numerics, per_group):
+    # override={"lr": torch.tensor([lr], requires_grad=True)}: a tensor where a list is
+    # expected, as programs pass it; higher indexes it like a list.
+    results = []
+    for lib, net in zip((higher, higher_func), _net_pair()):
+        values = [0.1, 0.05] if per_group else [0.1]
+        lr = torch.tensor(values, requires_grad=True)
+        opt = torch.optim.SGD(_groups(net), lr=0.5)
+        support, query = _data()
+        fast, loss = _maml(lib, net, opt, support, query, override={"lr": lr})
+        results.append((fast, torch.autograd.grad(loss, [lr, *net.parameters()])))
+    _assert_equal(results[1][0], results[0][0])
+    _assert_equal(results[1][1], results[0][1])
+
+
+def test_override_as_a_tensor_of_another_shape_is_refused():
+    net = Net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    for value in (torch.tensor(0.1), torch.full((2, 1), 0.1)):
+        with pytest.raises(TypeError, match=r"override\['lr'\] must be a list"):
+            higher_func.innerloop_ctx(net, opt, override={"lr": value}).__enter__()

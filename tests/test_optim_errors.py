@@ -75,6 +75,26 @@ def test_unregistered_optimizer_type_says_how_to_register():
             pass
 
 
+def test_optimizer_class_or_name_where_an_instance_is_expected_names_the_mistake():
+    model = _model()
+    with pytest.raises(TypeError, match=r"takes an optimizer instance, got the class SGD"):
+        get_diff_optim(torch.optim.SGD, model.parameters())
+    with pytest.raises(TypeError, match=r"takes a torch.optim.Optimizer, got str 'sgd'"):
+        get_diff_optim("sgd", model.parameters())
+    with pytest.raises(TypeError, match=r"takes an optimizer instance, got the class SGD"):
+        with higher_func.innerloop_ctx(model, torch.optim.SGD):
+            pass
+
+
+def test_optimizer_instance_or_name_where_a_class_is_expected_names_the_mistake():
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(TypeError, match=r"takes an optimizer class, got an instance of SGD"):
+        create_diff_optim(opt, params=list(model.parameters()))
+    with pytest.raises(TypeError, match=r"expected a torch.optim.Optimizer class, got str 'sgd'"):
+        create_diff_optim("sgd", {"lr": 0.1}, params=list(model.parameters()))
+
+
 def test_register_optim_rejects_what_is_not_an_optimizer_class():
     with pytest.raises(TypeError, match="optim_type must be a torch.optim.Optimizer subclass"):
         register_optim(

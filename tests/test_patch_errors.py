@@ -11,6 +11,7 @@ import pytest
 import torch
 from zoo import ZOO, assert_module_unchanged, perturbed_params, snapshot
 
+import higher_func
 import higher_func.patch as hf_patch
 
 ERRORS = (ValueError, TypeError, KeyError, RuntimeError)
@@ -105,6 +106,15 @@ def test_patching_a_patched_module(mlp, patch):
         getattr(hf_patch, patch)(fmodel)
 
 
+@pytest.mark.parametrize("patch", ["monkeypatch", "make_functional"])
+def test_patching_a_module_that_holds_a_patched_module(mlp, patch):
+    # The patched module is an nn.Module to torch, so it can be a child; patching the parent
+    # again is refused as higher refused it, naming the child.
+    parent = torch.nn.Sequential(hf_patch.monkeypatch(mlp.model), torch.nn.Identity())
+    with pytest.raises(ValueError, match=r"submodule '0' of this module is a patched module"):
+        getattr(hf_patch, patch)(parent)
+
+
 def test_track_higher_grads_must_be_bool(mlp):
     fmodel = hf_patch.monkeypatch(mlp.model)
     with pytest.raises(TypeError, match="track_higher_grads must be a bool, got int"):
@@ -115,6 +125,19 @@ def test_track_higher_grads_must_be_bool(mlp):
 def test_track_higher_grads_argument_must_be_bool(mlp):
     with pytest.raises(TypeError, match="track_higher_grads must be a bool, got int"):
         hf_patch.monkeypatch(mlp.model, track_higher_grads=1)
+
+
+@pytest.mark.parametrize("flag", ["copy_initial_weights", "track_higher_grads"])
+@pytest.mark.parametrize("value", ["no", 0, None])
+def test_flags_of_monkeypatch_and_innerloop_ctx_must_be_bools(mlp, flag, value):
+    # higher took copy_initial_weights="no" as true and silently copied.
+    kind = type(value).__name__
+    with pytest.raises(TypeError, match=f"{flag} must be a bool, got {kind}"):
+        hf_patch.monkeypatch(mlp.model, **{flag: value})
+    opt = torch.optim.SGD(mlp.model.parameters(), lr=0.1)
+    with pytest.raises(TypeError, match=f"{flag} must be a bool, got {kind}"):
+        with higher_func.innerloop_ctx(mlp.model, opt, **{flag: value}):
+            pass
 
 
 @pytest.mark.parametrize("num_tasks", [None, 2])

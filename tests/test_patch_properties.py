@@ -161,3 +161,52 @@ def test_second_order_step_matches_higher(arch):
         )
 
     assert_trees_close(meta_grads(fmodel, model), meta_grads(hmodel, oracle_model), atol=1e-9)
+
+
+class _Holder(nn.Module):
+    """A module with the patched module in a child slot (``self.body = fmodel``)."""
+
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+        self.head = nn.Linear(2, 1).double()
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+PLACEMENTS = {
+    "slot": _Holder,
+    "sequential": lambda f: nn.Sequential(f, nn.Linear(2, 1).double()),
+    "twice": lambda f: nn.ModuleList([f, nn.Linear(2, 1).double(), f]),
+    "dict": lambda f: nn.ModuleDict({"inner": f}),
+}
+
+
+def _parent_view(parent, x, placement):
+    """What a module holding the patched module shows: its output, structure and state."""
+    out = parent(x) if placement in ("slot", "sequential") else next(parent.children())(x)
+    kinds = [tuple(isinstance(m, c) for c in (nn.Linear, nn.Sequential)) for m in parent.modules()]
+    names = [n for n, _ in parent.named_parameters()]
+    return out, kinds, names, parent.state_dict(), list(parent.parameters())
+
+
+@SETTINGS
+@given(arch=architectures(), placement=st.sampled_from(sorted(PLACEMENTS)))
+def test_a_module_holding_the_patched_module_sees_what_it_sees_with_higher(arch, placement):
+    # The class: any architecture, held by any kind of parent. The parent's own parts are
+    # built from the same seed for both libraries.
+    model, x = build(arch)
+    oracle_model, _ = build(arch)
+    views = []
+    for lib, net in ((hf_patch, model), (higher, oracle_model)):
+        fmodel = lib.monkeypatch(net, copy_initial_weights=False)
+        assert isinstance(fmodel, nn.Module) and isinstance(fmodel, nn.Sequential)
+        torch.manual_seed(arch.seed)
+        views.append(_parent_view(PLACEMENTS[placement](fmodel), x, placement))
+    ours, theirs = views
+    assert_trees_close(ours[0], theirs[0])
+    assert ours[1] == theirs[1] and ours[2] == theirs[2]
+    assert list(ours[3]) == list(theirs[3])
+    assert_trees_close(list(ours[3].values()), list(theirs[3].values()))
+    assert_trees_close(ours[4], theirs[4])

@@ -358,10 +358,14 @@ def test_adamw_rejects_coupled_weight_decay():
         RULES["adamw"].update(param, param, {}, decoupled_weight_decay=False)
 
 
-def test_tensor_step_is_rejected():
-    param = torch.zeros(2)
-    with pytest.raises(TypeError, match=r"state\['step'\]"):
-        RULES["adam"].update(param, param, {"step": torch.tensor(1.0)}, lr=0.1)
+def test_tensor_step_is_read_as_the_int_it_holds():
+    # higher's numerics keep torch.optim's tensor step (as higher did); a torch rule meeting
+    # one (the mode switched after the optimizer was built) computes as from the int.
+    param, grad = torch.ones(2), torch.full((2,), 0.5)
+    state = {"step": 1, "exp_avg": grad, "exp_avg_sq": grad * grad}
+    expected = RULES["adam"].update(param, grad, state, lr=0.1)
+    got = RULES["adam"].update(param, grad, {**state, "step": torch.tensor(1.0)}, lr=0.1)
+    assert torch.equal(got[0], expected[0]) and got[1]["step"] == 2
 
 
 @st.composite
