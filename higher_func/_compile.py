@@ -8,7 +8,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from . import _compat
+from . import _compat, _reroute
 from ._batching import attention_fastpath_off
 
 # A zero that requires grad, made outside any compiled region. Weights that eager code makes
@@ -93,7 +93,7 @@ def compile(fn: Optional[Callable[..., Any]] = None, **compile_kwargs: Any) -> C
         # The attention fast path is off for the whole compiled call: batched patches turn
         # it off around each vmapped call in eager code (see _batching), which Dynamo does not
         # trace.
-        with _compat.tracing_autograd(), _tracing_rnns(), attention_fastpath_off():
+        with _compat.tracing_autograd(), _tracing_rnns(), attention_fastpath_off(), _reroute.everywhere():
             return compiled(*args, **kwargs)
 
     return run

@@ -51,7 +51,7 @@ from typing import (
 import torch as _torch
 from torch import nn as _nn
 
-from . import _compile
+from . import _compile, _reroute
 from ._batching import TaskBatch as _TaskBatch
 from ._checks import KeyErrorSentence, check_bool, check_task, same_device
 from ._compat import is_compiling as _is_compiling
@@ -97,6 +97,8 @@ class _MonkeyPatchBase:
         device = None if device is None else _torch.device(device)
         tasks = None if num_tasks is None else _TaskBatch(num_tasks, module, randomness, device)
         state["_hf_tasks"] = tasks
+        # Attention that can be differentiated twice, embeddings right under vmap.
+        state["_hf_reroute"] = _reroute.install(tree.copies, tasks is not None)
         state["_hf_index"] = tree.param_index
         state["_hf_shapes"] = [self._stack_shape(p.shape) for p in tree.params]
         # As patched: converting the module afterwards (model.double()) changes its Parameters
@@ -401,6 +403,8 @@ class _MonkeyPatchBase:
     @track_higher_grads.setter
     def track_higher_grads(self, value: bool) -> None:
         self.__dict__["_track_higher_grads"] = check_bool("track_higher_grads", value)
+        if self._hf_reroute is not None:
+            self._hf_reroute.tracked = value
 
     def _params_at(self, time: Optional[int]) -> List[_torch.Tensor]:
         if self._fast_params is None:

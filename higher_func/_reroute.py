@@ -1,0 +1,218 @@
+"""Reroute a few torch functions inside a patch's own module copies, for one thread.
+
+Two torch functions give wrong or failing results in a patched forward that plain code
+never meets:
+
+- ``F.scaled_dot_product_attention`` (and ``F.multi_head_attention_forward``, which calls
+  it) take a fused kernel that cannot be differentiated twice: while a patch tracks
+  higher-order gradients (``track_higher_grads`` and grad mode on, decided per call) they are
+  computed by torch's math kernel instead (``higher_func._attention``).
+- ``F.embedding`` with ``padding_idx`` under ``torch.vmap`` gives every task but the first a
+  gradient in its padding row: in batched patches it is computed by
+  ``higher_func._embedding.embedding`` instead.
+
+How: at patch time, the copies whose class's code could reach those functions (it names them,
+or, for attention, the words attention code is written with, see ``_attention.WORDS``; global
+functions the methods call are read too) get their own ``forward``: the class's forward,
+run inside a ``TorchFunctionMode`` that swaps the function for the length of the call. Torch
+function modes are per thread, so another thread's attention keeps torch's kernels; torch's
+``sdpa_kernel`` switches would have been process-wide. Modules whose code never mentions
+attention or embeddings (an MLP) are left alone and pay nothing; under a rerouted forward
+each torch call costs one Python call more, which is why the mode covers the innermost
+attention modules only when an outer module merely mentions the words.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import types
+from typing import Any, Callable, Dict, FrozenSet, Iterator, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from . import _attention, _embedding
+from ._compat import is_compiling
+
+__all__ = ["Reroute", "install", "mentions"]
+
+_SDPA = F.scaled_dot_product_attention
+_MHA = F.multi_head_attention_forward
+_EMBEDDING = F.embedding
+_ATTENTION_NAMES = frozenset({"scaled_dot_product_attention", "multi_head_attention_forward"})
+
+
+class Reroute:
+    """What one patch reroutes; the patch keeps ``tracked`` up to date."""
+
+    __slots__ = ("tracked", "batched")
+
+    def __init__(self, batched: bool) -> None:
+        self.tracked = True
+        self.batched = batched
+
+
+class _Mode(TorchFunctionMode):
+    def __init__(self, attention: bool, embedding: bool, padded: bool = False) -> None:
+        super().__init__()
+        self.attention = attention
+        self.embedding = embedding  # every F.embedding (batched patches)
+        self.padded = padded  # F.embedding with padding_idx only (compiled calls)
+
+    def __torch_function__(
+        self, func: Callable[..., Any], types: Any, args: tuple = (), kwargs: Any = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        if self.attention:
+            if func is _SDPA:
+                return _attention.scaled_dot_product_attention(*args, **kwargs)
+            if func is _MHA:
+                return _attention.multi_head_attention_forward(*args, **kwargs)
+        if func is _EMBEDDING and (self.embedding or (self.padded and _padded(args, kwargs))):
+            return _embedding.embedding(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def _padded(args: tuple, kwargs: dict) -> bool:
+    return (args[2] if len(args) > 2 else kwargs.get("padding_idx")) is not None
+
+
+# What the modes this thread runs under reroute now: (attention, embedding).
+_current = threading.local()
+
+
+class _Forward:
+    """A copy's ``forward``: its class's forward, run with the functions rerouted that this
+    call needs (nothing new when an outer rerouted forward already covers them)."""
+
+    def __init__(
+        self, forward: Callable[..., Any], state: Reroute, attention: bool, embedding: bool
+    ) -> None:
+        self._forward = forward
+        self._state = state
+        self._attention = attention
+        self._embedding = embedding
+        functools.update_wrapper(self, forward)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        attention = self._attention and self._state.tracked and torch.is_grad_enabled()
+        embedding = self._embedding
+        outer = getattr(_current, "kinds", (False, False))
+        if (not attention or outer[0]) and (not embedding or outer[1]):
+            return self._forward(*args, **kwargs)
+        kinds = (attention or outer[0], embedding or outer[1])
+        _current.kinds = kinds
+        try:
+            with _Mode(*kinds):
+                return self._forward(*args, **kwargs)
+        finally:
+            _current.kinds = outer
+
+
+def everywhere() -> TorchFunctionMode:
+    """A mode that reroutes attention and padded embeddings in every call it covers, for
+    ``higher_func.compile``: Dynamo traces the functions it swaps in, and compiled code does
+    not run the copies' own ``forward`` wrappers (the math kernel computes the same function,
+    and Inductor fuses it)."""
+    return _Mode(attention=True, embedding=False, padded=True)
+
+
+def install(copies: Dict[int, nn.Module], batched: bool) -> Optional[Reroute]:
+    """Give the copies that could reach attention (and, when ``batched``, an embedding
+    lookup) a rerouting ``forward``.
+
+    Args:
+        copies: the patch's module copies (``ModuleTree.copies``), owned by the patch.
+        batched: whether the patch has ``num_tasks``.
+
+    Returns:
+        The patch's switch (set ``tracked`` when ``track_higher_grads`` changes), or None
+        when no copy needed one.
+    """
+    if is_compiling():
+        return None  # see _compile: compiled meta-steps run attention in their own way
+    state = Reroute(batched)
+    kinds = {key: _kinds(type(copy)) for key, copy in copies.items()}
+    wrapped = False
+    for key, copy in copies.items():
+        direct, weak, embedding = kinds[key]
+        # A module that only mentions attention (``attention_mask=``) while a submodule does
+        # the attention: the submodule's forward is the narrower place for the mode.
+        inner = weak and not direct and any(any(_kinds(type(m))[:2]) for m in _below(copy))
+        attention = direct or (weak and not inner)
+        embedding = batched and embedding
+        if attention or embedding:
+            copy.__dict__["forward"] = _Forward(copy.forward, state, attention, embedding)
+            wrapped = True
+    return state if wrapped else None
+
+
+def _below(module: nn.Module) -> Iterator[nn.Module]:
+    modules = module.modules()
+    next(modules)
+    return modules
+
+
+@functools.lru_cache(maxsize=4096)
+def _kinds(cls: type) -> Tuple[bool, bool, bool]:
+    """(names attention's functions, mentions attention, names ``embedding``) for the code
+    of ``cls``."""
+    names = mentions(cls)
+    lower = [name.lower() for name in names]
+    direct = bool(names & _ATTENTION_NAMES)
+    weak = direct or any(word in name for name in lower for word in _attention.WORDS)
+    weak = weak or any(word in cls.__name__.lower() for word in _attention.WORDS)
+    return direct, weak, "embedding" in names
+
+
+@functools.lru_cache(maxsize=4096)
+def mentions(cls: type) -> FrozenSet[str]:
+    """Every name the methods of ``cls`` (not ``nn.Module``'s own) use, with the names of
+    the global Python functions they call, to two levels.
+
+    Example:
+        >>> "embedding" in mentions(torch.nn.Embedding)
+        True
+    """
+    found: set = set()
+    seen: set = set()
+    for klass in cls.__mro__:
+        if klass is object or klass is nn.Module:
+            continue
+        for attr in vars(klass).values():
+            for function in _functions(attr):
+                _read(function, found, seen, depth=2)
+    return frozenset(found)
+
+
+def _functions(attr: Any) -> Iterator[types.FunctionType]:
+    if isinstance(attr, (staticmethod, classmethod)):
+        attr = attr.__func__
+    if isinstance(attr, property):
+        yield from (f for f in (attr.fget, attr.fset) if isinstance(f, types.FunctionType))
+    elif isinstance(attr, types.FunctionType):
+        yield attr
+
+
+def _read(function: types.FunctionType, found: set, seen: set, depth: int) -> None:
+    if id(function) in seen:
+        return
+    seen.add(id(function))
+    names = set(_code_names(function.__code__))
+    found |= names
+    if depth == 0:
+        return
+    for name in names:
+        value = function.__globals__.get(name)
+        if isinstance(value, types.FunctionType) and not (value.__module__ or "").startswith("torch"):
+            _read(value, found, seen, depth - 1)
+
+
+def _code_names(code: types.CodeType) -> Iterator[str]:
+    yield from code.co_names
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            yield from _code_names(const)
