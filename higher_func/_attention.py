@@ -80,7 +80,7 @@ def scaled_dot_product_attention(
     return sdpa_math(query, key, value, attn_mask, dropout_p, is_causal, **newer)[0]
 
 
-def _with_math_attention(function: types.FunctionType) -> types.FunctionType:
+def _with_math_attention(function: Any) -> types.FunctionType:
     """``function`` (a Python function of ``torch.nn.functional``) whose calls to
     ``scaled_dot_product_attention`` by its global name reach the math kernel instead.
 

@@ -92,9 +92,11 @@ def compile(fn: Optional[Callable[..., Any]] = None, **compile_kwargs: Any) -> C
     def run(*args: Any, **kwargs: Any) -> Any:
         # The attention fast path is off for the whole compiled call: batched patches turn
         # it off around each vmapped call in eager code (see _batching), which Dynamo does not
-        # trace.
-        with _compat.tracing_autograd(), _tracing_rnns(), attention_fastpath_off(), _reroute.everywhere():
-            return compiled(*args, **kwargs)
+        # trace. Attention and padded embeddings are rerouted for the whole call too: compiled
+        # code does not run the copies' rerouting forwards (see _reroute.everywhere).
+        with _compat.tracing_autograd(), _tracing_rnns(), attention_fastpath_off():
+            with _reroute.everywhere():
+                return compiled(*args, **kwargs)
 
     return run
 

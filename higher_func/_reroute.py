@@ -135,13 +135,16 @@ def install(copies: Dict[int, nn.Module], batched: bool) -> Optional[Reroute]:
     if is_compiling():
         return None  # see _compile: compiled meta-steps run attention in their own way
     state = Reroute(batched)
-    kinds = {key: _kinds(type(copy)) for key, copy in copies.items()}
+    # (torch's stubs declare nn.Module.__hash__ with a self type: mypy does not see that a
+    # class of modules is Hashable for lru_cache, as in _tree.)
+    kinds = {key: _kinds(type(copy)) for key, copy in copies.items()}  # type: ignore[arg-type]
     wrapped = False
     for key, copy in copies.items():
         direct, weak, embedding = kinds[key]
         # A module that only mentions attention (``attention_mask=``) while a submodule does
         # the attention: the submodule's forward is the narrower place for the mode.
-        inner = weak and not direct and any(any(_kinds(type(m))[:2]) for m in _below(copy))
+        below = (_kinds(type(m)) for m in _below(copy))  # type: ignore[arg-type]
+        inner = weak and not direct and any(any(k[:2]) for k in below)
         attention = direct or (weak and not inner)
         embedding = batched and embedding
         if attention or embedding:
@@ -207,7 +210,8 @@ def _read(function: types.FunctionType, found: set, seen: set, depth: int) -> No
         return
     for name in names:
         value = function.__globals__.get(name)
-        if isinstance(value, types.FunctionType) and not (value.__module__ or "").startswith("torch"):
+        torch_own = (getattr(value, "__module__", None) or "").startswith("torch")
+        if isinstance(value, types.FunctionType) and not torch_own:
             _read(value, found, seen, depth - 1)
 
 
