@@ -108,7 +108,7 @@ CASES = {
     ),
     "t5": Case(
         _t5,
-        lambda g: {"input_ids": _tokens(g), "labels": torch.randint(1, VOCAB, (BATCH, 3), generator=g)},
+        lambda g: {"input_ids": _tokens(g), "labels": _tokens(g)[:, :3] + 1},
         _own_loss,
     ),
 }  # fmt: skip
