@@ -81,6 +81,10 @@ def main(argv=None) -> int:
         if workload == SCALING:
             run_scaling(settings, output, info, log)
             continue
+        missing = WORKLOADS[workload].missing()
+        if missing:
+            print(f"\n{workload}: skipped: {missing}")
+            continue
         result = WORKLOADS[workload].run(settings, log)
         results[workload] = result
         if isinstance(result, MemoryResult):
