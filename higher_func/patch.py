@@ -627,8 +627,7 @@ def batching(fmodule: _MonkeyPatchBase) -> Optional[Batching]:
     loop over tasks (the same results); ``None`` when ``fmodule`` is not batched.
 
     The loop is chosen at patch time for modules without vmap batching rules (RNNs,
-    BatchNorm with ``momentum=None``), for Embedding with ``padding_idx`` (whose vmapped
-    gradient is wrong in torch 2.13) and, on a CPU, for convolutions with BatchNorm (where it
+    BatchNorm with ``momentum=None``) and, on a CPU, for convolutions with BatchNorm (where it
     is faster); or at the first call that vmap cannot run. A function, not an attribute of the
     patched module, so that it never hides an attribute of the user's module.
 
@@ -735,7 +734,7 @@ def monkeypatch(
             initial weights are a copy made inside the graph, so meta-gradients of all tasks
             sum into ``module``'s parameters. The tasks run in one ``torch.vmap`` call, or in
             a Python loop with the same results where vmap cannot run them (RNNs, BatchNorm
-            with ``momentum=None``, Embedding with ``padding_idx``, an op without a batching
+            with ``momentum=None``, an op without a batching
             rule met at the first call; with a one-time ``BatchingFallbackWarning``) or is
             slower (convolutions with BatchNorm on a CPU). ``batching(fmodel)`` says which.
         randomness: with ``num_tasks``, how random ops (dropout) draw across tasks, with
