@@ -56,9 +56,12 @@ class Reroute:
 
 
 class _Mode(TorchFunctionMode):
-    def __init__(self, attention: bool, embedding: bool, padded: bool = False) -> None:
+    def __init__(
+        self, attention: bool, embedding: bool, padded: bool = False, mha: bool = True
+    ) -> None:
         super().__init__()
         self.attention = attention
+        self.mha = attention and mha
         self.embedding = embedding  # every F.embedding (batched patches)
         self.padded = padded  # F.embedding with padding_idx only (compiled calls)
 
@@ -69,7 +72,7 @@ class _Mode(TorchFunctionMode):
         if self.attention:
             if func is _SDPA:
                 return _attention.scaled_dot_product_attention(*args, **kwargs)
-            if func is _MHA:
+            if func is _MHA and self.mha:
                 return _attention.multi_head_attention_forward(*args, **kwargs)
         if func is _EMBEDDING and (self.embedding or (self.padded and _padded(args, kwargs))):
             return _embedding.embedding(*args, **kwargs)
@@ -116,8 +119,12 @@ def everywhere() -> TorchFunctionMode:
     """A mode that reroutes attention and padded embeddings in every call it covers, for
     ``higher_func.compile``: Dynamo traces the functions it swaps in, and compiled code does
     not run the copies' own ``forward`` wrappers (the math kernel computes the same function,
-    and Inductor fuses it)."""
-    return _Mode(attention=True, embedding=False, padded=True)
+    and Inductor fuses it).
+
+    Not ``F.multi_head_attention_forward``: Dynamo cannot guard the globals of the copy that
+    reroutes it ("'builtin_function_or_method' object has no attribute '__defaults__'"), so
+    compiled ``nn.MultiheadAttention`` keeps torch's kernels (first order only)."""
+    return _Mode(attention=True, embedding=False, padded=True, mha=False)
 
 
 def install(copies: Dict[int, nn.Module], batched: bool) -> Optional[Reroute]:
