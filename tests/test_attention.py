@@ -321,3 +321,18 @@ def test_compiled_equals_eager(name):
     expected_loss, expected, _ = maml(eager, x)
     torch.testing.assert_close(loss, expected_loss)
     assert_all_close(grads, expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["plain", "bool_mask", "causal", "scale"])
+def test_second_order_on_cuda_equals_eager_attention(name):
+    # float32 and half-width heads: where torch picks its flash or memory-efficient kernel.
+    variant = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in VARIANTS[name].items()}
+    fused, eager = twins(variant)
+    fused, eager = fused.float().cuda(), eager.float().cuda()
+    x = torch.randn(3, 5, 4, device="cuda")
+    loss, grads, _ = maml(fused, x)
+    expected_loss, expected, _ = maml(eager, x)
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-4, atol=1e-5)
+    for a, e in zip(grads, expected):
+        torch.testing.assert_close(a, e, rtol=1e-3, atol=1e-5)
