@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import threading
 import types
+import weakref
 from typing import Any, Callable, Dict, FrozenSet, Iterator, Optional, Tuple
 
 import torch
@@ -91,14 +92,20 @@ class _Forward:
     """A copy's ``forward``: its class's forward, run with the functions rerouted that this
     call needs (nothing new when an outer rerouted forward already covers them)."""
 
-    def __init__(
-        self, forward: Callable[..., Any], state: Reroute, attention: bool, embedding: bool
-    ) -> None:
-        self._forward = forward
+    def __init__(self, copy: nn.Module, state: Reroute, attention: bool, embedding: bool) -> None:
+        own = copy.__dict__.get("forward")  # a forward the user set on the instance
+        if own is None:
+            # The class's function and a weak reference: a bound method kept in the copy's
+            # own __dict__ would be a reference cycle, keeping the patch's tensors alive
+            # until the cycle collector runs.
+            function, copy_ref = type(copy).forward, weakref.ref(copy)
+            self._forward = lambda *args, **kwargs: function(copy_ref(), *args, **kwargs)
+        else:
+            self._forward = own
         self._state = state
         self._attention = attention
         self._embedding = embedding
-        functools.update_wrapper(self, forward)
+        functools.update_wrapper(self, own if own is not None else type(copy).forward)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         attention = self._attention and self._state.tracked and torch.is_grad_enabled()
@@ -155,7 +162,7 @@ def install(copies: Dict[int, nn.Module], batched: bool) -> Optional[Reroute]:
         attention = direct or (weak and not inner)
         embedding = batched and embedding
         if attention or embedding:
-            copy.__dict__["forward"] = _Forward(copy.forward, state, attention, embedding)
+            copy.__dict__["forward"] = _Forward(copy, state, attention, embedding)
             wrapped = True
     return state if wrapped else None
 
