@@ -15,6 +15,8 @@ import threading
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import higher_func
@@ -336,3 +338,53 @@ def test_second_order_on_cuda_equals_eager_attention(name):
     torch.testing.assert_close(loss, expected_loss, rtol=1e-4, atol=1e-5)
     for a, e in zip(grads, expected):
         torch.testing.assert_close(a, e, rtol=1e-3, atol=1e-5)
+
+
+@st.composite
+def attention_cases(draw):
+    """Shapes and every variant of scaled dot-product attention (no dropout: random)."""
+    batch = draw(st.lists(st.integers(1, 2), max_size=2))
+    kv_heads = draw(st.integers(1, 2))
+    gqa = HAS_GQA and draw(st.booleans())
+    heads = kv_heads * (draw(st.integers(1, 2)) if gqa else 1)
+    length, source, width = (
+        draw(st.integers(1, 4)),
+        draw(st.integers(1, 4)),
+        draw(st.integers(1, 3)),
+    )
+    seed = draw(st.integers(0, 2**16))
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(*batch, heads, length, width, dtype=DTYPE, generator=gen)
+    k = torch.randn(*batch, kv_heads, source, width, dtype=DTYPE, generator=gen)
+    v = torch.randn(*batch, kv_heads, source, width + 1, dtype=DTYPE, generator=gen)
+    variant: dict = {"enable_gqa": True} if gqa else {}
+    mask = draw(st.sampled_from(["none", "bool", "float", "causal"]))
+    if mask == "bool":
+        keep = torch.rand(length, source, generator=gen) > 0.5
+        keep[:, 0] = True  # every query attends somewhere
+        variant["attn_mask"] = keep
+    elif mask == "float":
+        variant["attn_mask"] = torch.randn(length, source, dtype=DTYPE, generator=gen)
+    elif mask == "causal" and length <= source:
+        variant["is_causal"] = True
+    if draw(st.booleans()):
+        variant["scale"] = draw(st.floats(0.1, 2.0))
+    return q, k, v, variant
+
+
+@settings(max_examples=40, deadline=None)
+@given(attention_cases())
+def test_property_values_and_second_order_equal_eager(case):
+    q, k, v, variant = case
+    tensors = [t.clone().requires_grad_() for t in (q, k, v)]
+
+    def second_order(attend):
+        out = attend(*tensors, **variant)
+        grads = torch.autograd.grad(out.sin().sum(), tensors, create_graph=True)
+        total = sum(g.pow(2).sum() for g in grads)
+        return out, torch.autograd.grad(total, tensors)
+
+    out, grads = second_order(_attention.scaled_dot_product_attention)
+    expected_out, expected = second_order(eager_attention)
+    torch.testing.assert_close(out, expected_out)
+    assert_all_close(grads, expected)
