@@ -148,29 +148,27 @@ def install(copies: Dict[int, nn.Module], batched: bool) -> Optional[Reroute]:
     """
     if is_compiling():
         return None  # see _compile: compiled meta-steps run attention in their own way
-    state = Reroute(batched)
-    # (torch's stubs declare nn.Module.__hash__ with a self type: mypy does not see that a
-    # class of modules is Hashable for lru_cache, as in _tree.)
-    kinds = {key: _kinds(type(copy)) for key, copy in copies.items()}  # type: ignore[arg-type]
-    wrapped = False
-    for key, copy in copies.items():
-        direct, weak, embedding = kinds[key]
+    state = None
+    for copy in copies.values():  # runs per patch: most modules stop at the first test
+        # (torch's stubs declare nn.Module.__hash__ with a self type: mypy does not see that
+        # a class of modules is Hashable for lru_cache, as in _tree.)
+        direct, weak, embedding = _kinds(type(copy))  # type: ignore[arg-type]
+        embedding = batched and embedding
+        if not (weak or embedding):
+            continue
         # A module that only mentions attention (``attention_mask=``) while a submodule does
         # the attention: the submodule's forward is the narrower place for the mode.
-        below = (_kinds(type(m)) for m in _below(copy))  # type: ignore[arg-type]
-        inner = weak and not direct and any(any(k[:2]) for k in below)
-        attention = direct or (weak and not inner)
-        embedding = batched and embedding
+        attention = direct or (weak and not _attends_below(copy))
         if attention or embedding:
+            state = state or Reroute(batched)
             copy.__dict__["forward"] = _Forward(copy, state, attention, embedding)
-            wrapped = True
-    return state if wrapped else None
+    return state
 
 
-def _below(module: nn.Module) -> Iterator[nn.Module]:
+def _attends_below(module: nn.Module) -> bool:
     modules = module.modules()
     next(modules)
-    return modules
+    return any(any(_kinds(type(m))[:2]) for m in modules)  # type: ignore[arg-type]
 
 
 @functools.lru_cache(maxsize=4096)
