@@ -100,6 +100,10 @@ def main(argv=None) -> int:
             sweeps = run_scaling(settings, output, info, log)
             report.record(summary_path, SCALING, {"sweeps": sweeps}, info, started)
             continue
+        missing = WORKLOADS[workload].missing()
+        if missing:
+            print(f"\n{workload}: skipped: {missing}")
+            continue
         result = WORKLOADS[workload].run(settings, log)
         results[workload] = result
         if isinstance(result, MemoryResult):

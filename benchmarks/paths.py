@@ -22,6 +22,10 @@ FUNC = "torch.func"
 FUNC_AUTOGRAD = "torch.func+autograd"
 FUNC_LOOP = "torch.func loop"
 ORDER = (HIGHER, LEGACY, BATCHED, COMPILED, FUNC, FUNC_AUTOGRAD, FUNC_LOOP)
+# W4's paths on the model with hand-written (eager) attention instead of torch's SDPA; not
+# in ORDER, which every other workload builds.
+LEGACY_EAGER = "legacy, eager attn"
+BATCHED_EAGER = "batched, eager attn"
 
 # What each path is, for tables and the README.
 DESCRIPTIONS = {
@@ -34,6 +38,8 @@ DESCRIPTIONS = {
     "torch.autograd.grad(create_graph=True)",
     FUNC_LOOP: "hand-written, the legacy program's shape without a library: a Python loop over "
     "tasks of functional_call + torch.autograd.grad(create_graph=True)",
+    LEGACY_EAGER: "legacy, on the model with eager attention (W4: what SDPA's math kernel costs)",
+    BATCHED_EAGER: "batched, on the model with eager attention",
 }
 
 
@@ -102,5 +108,5 @@ def _flat_grad(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 def ordered(names: Sequence[str], order: Optional[Sequence[str]] = None) -> List[str]:
     """``names`` in table order."""
-    order = ORDER if order is None else order
+    order = (*ORDER, LEGACY_EAGER, BATCHED_EAGER) if order is None else order
     return sorted(names, key=lambda n: order.index(n) if n in order else len(order))

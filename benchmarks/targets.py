@@ -92,6 +92,8 @@ TARGETS: List[Target] = [
     Target("W2", "legacy at least as fast as higher", faster_than_higher(LEGACY, 1.0)),
     Target("W2", "batched at least as fast as higher", faster_than_higher(BATCHED, 1.0)),
     Target("W3", "legacy >= 1.4x faster than higher", faster_than_higher(LEGACY, 1.4)),
+    Target("W4", "legacy at least as fast as higher", faster_than_higher(LEGACY, 1.0)),
+    Target("W4", "batched at least as fast as legacy", at_least_as_fast_as(BATCHED, LEGACY)),
     Target("E1", "entering innerloop_ctx <= 20 us per task (legacy)", entry_at_most(LEGACY, 20.0)),
     Target("M1", "peak memory: higher_func legacy <= higher", peak_not_above(LEGACY, HIGHER)),
     Target("M2", "track_higher_grads=False: no growth for higher_func", no_growth()),

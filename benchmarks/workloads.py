@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Callable, Dict, Mapping, Optional
 
-from . import entry, hyperlr, maml, memory, omniglot, sinusoid
+from . import entry, hyperlr, maml, memory, omniglot, sinusoid, text
 from .paths import HIGHER, ORDER, Path, first_call
 from .report import TimingResult
 from .timing import interleaved
@@ -36,6 +36,8 @@ class Workload:
     id: str
     title: str
     run: Callable[[Settings, Callable[[str], None]], object]
+    # Why the workload cannot run on this machine ("" when it can): it is skipped, saying so.
+    missing: Callable[[], str] = lambda: ""
 
 
 def timed(
@@ -88,6 +90,16 @@ def _w3(settings: Settings, log) -> TimingResult:
     return timed("W3", title, asdict(sizes), paths, 1e-3, settings.rounds_or(21), log)
 
 
+def _w4(settings: Settings, log) -> TimingResult:
+    sizes = text.QUICK if settings.quick else text.FULL
+    title = (
+        f"tiny BERT MAML, {sizes.layers} layer(s) of {sizes.hidden}, {sizes.ways}-way "
+        f"{sizes.shots}-shot, length {sizes.length}, T={sizes.tasks}, {sizes.steps} inner steps"
+    )
+    # float32 through two inner steps: SDPA's math kernel and eager attention round apart.
+    return timed("W4", title, asdict(sizes), text.build(sizes), 1e-3, settings.rounds_or(5), log)
+
+
 def _e1(settings: Settings, log) -> entry.EntryResult:
     tasks = sinusoid.QUICK.tasks if settings.quick else sinusoid.FULL.tasks
     rounds = settings.rounds_or(21)
@@ -111,6 +123,7 @@ WORKLOADS: Dict[str, Workload] = {
         Workload("W1", "sinusoid MAML", _w1),
         Workload("W2", "Omniglot-shape MAML", _w2),
         Workload("W3", "hyperparameter learning", _w3),
+        Workload("W4", "text MAML (tiny BERT)", _w4, text.available),
         Workload("E1", "entering innerloop_ctx", _e1),
         Workload("M1", "memory, tracked", _m1),
         Workload("M2", "memory, untracked", _m2),

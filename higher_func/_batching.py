@@ -61,12 +61,6 @@ def _unbatchable(module: nn.Module) -> Optional[str]:
         isinstance(module, BatchNorm) and module.momentum is None and module.track_running_stats
     ):
         return f"{name} has no vmap batching rule in torch {torch.__version__}"
-    # vmap's rule for the embedding gradient keeps padding_idx's row at zero only for the
-    # first task: every other task's padding row silently gets a gradient.
-    if isinstance(module, nn.Embedding) and module.padding_idx is not None:
-        return (
-            f"{name} with padding_idx gets wrong gradients under vmap in torch {torch.__version__}"
-        )
     return None
 
 

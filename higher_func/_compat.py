@@ -41,6 +41,7 @@ __all__ = [
     "foreach_sqrt",
     "is_compiling",
     "pytree",
+    "sdpa_math",
     "tracing_autograd",
     "tracing_rnns",
 ]
@@ -141,3 +142,13 @@ def _find_is_compiling() -> Callable[[], bool]:
 #: Whether the code calling it is being traced by ``torch.compile``: the eager fast paths
 #: (locks, weak dictionaries, Python-float shortcuts) step aside while tracing.
 is_compiling: Callable[[], bool] = _find_is_compiling()
+
+
+# -- attention and embeddings (higher_func._attention, issue 22) ------------------------------
+
+#: torch's math kernel of scaled dot-product attention, built from differentiable ops (so
+#: twice differentiable), and the kernel ``F.scaled_dot_product_attention`` falls back to. The
+#: only public way to choose it, ``torch.nn.attention.sdpa_kernel``, sets process-wide flags
+#: (another thread's attention would change kernel too). A private op since torch 2.0
+#: (``scale=`` since 2.1, ``enable_gqa=`` since 2.5); returns ``(output, weights)``.
+sdpa_math = torch.ops.aten._scaled_dot_product_attention_math

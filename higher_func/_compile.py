@@ -7,7 +7,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from . import _compat
+from . import _compat, _reroute
 from ._batching import attention_fastpath_off
 
 # A zero that requires grad, made outside any compiled region. Weights that eager code makes
@@ -93,8 +93,10 @@ def compile(fn: Optional[Callable[..., Any]] = None, **compile_kwargs: Any) -> C
     def run(*args: Any, **kwargs: Any) -> Any:
         # The attention fast path is off for the whole compiled call: batched patches turn
         # it off around each vmapped call in eager code (see _batching), which Dynamo does not
-        # trace.
+        # trace. Attention and padded embeddings are rerouted for the whole call too: compiled
+        # code does not run the copies' rerouting forwards (see _reroute.everywhere).
         with _compat.tracing_autograd(), _compat.tracing_rnns(), attention_fastpath_off():
-            return compiled(*args, **kwargs)
+            with _reroute.everywhere():
+                return compiled(*args, **kwargs)
 
     return run

@@ -56,7 +56,7 @@ from typing import (
 import torch as _torch
 from torch import nn as _nn
 
-from . import _compile
+from . import _compile, _reroute
 from ._batching import TaskBatch as _TaskBatch
 from ._checks import UnknownKeyError, check_bool, check_task, same_device
 from ._compat import is_compiling as _is_compiling
@@ -113,6 +113,8 @@ class _MonkeyPatchBase:
         device = None if device is None else _torch.device(device)
         tasks = None if num_tasks is None else _TaskBatch(num_tasks, module, randomness, device)
         state["_hf_tasks"] = tasks
+        # Attention that can be differentiated twice, embeddings right under vmap.
+        state["_hf_reroute"] = _reroute.install(tree.copies, tasks is not None)
         state["_hf_index"] = tree.param_index
         state["_hf_shapes"] = [self._stack_shape(p.shape) for p in tree.params]
         # As patched: converting the module afterwards (model.double()) changes its Parameters
@@ -471,6 +473,8 @@ class _MonkeyPatchBase:
     @track_higher_grads.setter
     def track_higher_grads(self, value: bool) -> None:
         self.__dict__["_track_higher_grads"] = check_bool("track_higher_grads", value)
+        if self._hf_reroute is not None:
+            self._hf_reroute.tracked = value
 
     def _params_at(self, time: Optional[int]) -> List[_torch.Tensor]:
         if self._fast_params is None:
@@ -695,8 +699,7 @@ def batching(fmodule: _MonkeyPatchBase) -> Optional[Batching]:
     loop over tasks (the same results); ``None`` when ``fmodule`` is not batched.
 
     The loop is chosen at patch time for modules without vmap batching rules (RNNs,
-    BatchNorm with ``momentum=None``), for Embedding with ``padding_idx`` (whose vmapped
-    gradient is wrong in torch 2.13) and, on a CPU, for convolutions with BatchNorm (where it
+    BatchNorm with ``momentum=None``) and, on a CPU, for convolutions with BatchNorm (where it
     is faster); or at the first call that vmap cannot run. A function, not an attribute of the
     patched module, so that it never hides an attribute of the user's module.
 
@@ -813,7 +816,7 @@ def monkeypatch(
             initial weights are a copy made inside the graph, so meta-gradients of all tasks
             sum into ``module``'s parameters. The tasks run in one ``torch.vmap`` call, or in
             a Python loop with the same results where vmap cannot run them (RNNs, BatchNorm
-            with ``momentum=None``, Embedding with ``padding_idx``, an op without a batching
+            with ``momentum=None``, an op without a batching
             rule met at the first call; with a one-time ``BatchingFallbackWarning``) or is
             slower (convolutions with BatchNorm on a CPU). ``batching(fmodel)`` says which.
         randomness: with ``num_tasks``, how random ops (dropout) draw across tasks, with

@@ -34,7 +34,6 @@ CASES = {**ZOO, **VMAP_LIMITS}
 # Patched at patch time: their kind of module has no vmap batching rule (or, on a CPU, the
 # loop is faster); the rest start vmapped, and some of them switch at their first call.
 LOOPED_AT_PATCH_TIME = {"lstm", "gru", "rnn", "lstm_cell", "gru_cell", "rnn_cell", "conv_bn"}
-LOOPED_AT_PATCH_TIME |= {"layernorm_embedding"}  # Embedding(padding_idx=0)
 SWITCH_AT_FIRST_CALL = {"spectral_norm", "spectral_norm_hook", "legacy_function"}
 # torch warns that scaled dot-product attention on a CPU has no batching rule of its own
 # (vmap runs it through its slower generic fallback): expected here.

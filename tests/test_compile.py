@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
 from zoo import (
-    NOT_TWICE_DIFFERENTIABLE,
+    NOT_TWICE_DIFFERENTIABLE_COMPILED,
     VMAP_LIMITS,
     ZOO,
     assert_module_unchanged,
@@ -243,7 +243,7 @@ def test_compiled_inner_loop_equals_eager_over_the_zoo(name):
     torch._dynamo.reset()
     case = COMPILABLE[name]()
     opt = torch.optim.SGD(case.model.parameters(), lr=0.01)
-    first_order = name in NOT_TWICE_DIFFERENTIABLE
+    first_order = name in NOT_TWICE_DIFFERENTIABLE_COMPILED
 
     def inner_loop(*inputs):
         with higher_func.innerloop_ctx(

@@ -523,12 +523,17 @@ VMAP_LIMITS: dict[str, Callable[..., Case]] = {
 }
 """Models at the limits of ``torch.vmap`` (fused attention kernels, outputs that are not
 tensors, ops without batching rules, old-style autograd.Functions), for the batched tests.
-Kept out of ``ZOO``: some are not twice differentiable (attention's CPU kernel), and higher
-0.2.1 does not run them all."""
+Kept out of ``ZOO``: higher 0.2.1 does not run them all (it cannot differentiate attention's
+CPU kernel twice)."""
 
-NOT_TWICE_DIFFERENTIABLE = ("transformer_eval", "attention_no_weights")
-"""Models whose backward torch cannot differentiate again (scaled dot-product attention on a
-CPU): their inner loops run first-order."""
+NOT_TWICE_DIFFERENTIABLE: tuple = ()
+"""Models whose backward torch cannot differentiate again: their inner loops run first-order.
+(None left: scaled dot-product attention is differentiated twice through patched modules, see
+tests/test_attention.py.)"""
+
+NOT_TWICE_DIFFERENTIABLE_COMPILED = ("transformer_eval", "attention_no_weights")
+"""Models whose compiled backward torch cannot differentiate again: nn.MultiheadAttention's
+scaled dot-product attention keeps torch's fused kernel under ``higher_func.compile``."""
 
 WITH_BATCHNORM = ("conv_bn", "none_bias")
 RECURRENT = ("lstm", "gru", "rnn", "lstm_cell", "gru_cell", "rnn_cell")
