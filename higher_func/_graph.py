@@ -95,6 +95,9 @@ _ATOMS = frozenset(
 )
 
 _UNSEEN = object()
+# What object.__reduce_ex__ names as the constructor of a plain instance (typeshed omits them).
+_NEWOBJ = getattr(copyreg, "__newobj__")
+_NEWOBJ_EX = getattr(copyreg, "__newobj_ex__")
 # An opaque object's referents are searched this far for the tree before giving up (and
 # sharing it): the search is for a reference the patch could not re-point, not a proof.
 _REACH_LIMIT = 10_000
@@ -161,7 +164,7 @@ class Rewriter:
     def reaches_tree(self, value: Any) -> bool:
         """Whether ``value`` references (transitively, through what the garbage collector
         sees) a module or parameter of the tree."""
-        seen = set()
+        seen: set = set()
         stack = [value]
         while stack and len(seen) < _REACH_LIMIT:
             obj = stack.pop()
@@ -381,10 +384,10 @@ def _by_protocol(rw: Rewriter, value: Any, path: str) -> Any:
     listitems = reduced[3] if len(reduced) > 3 else None
     dictitems = reduced[4] if len(reduced) > 4 else None
     setter = reduced[5] if len(reduced) > 5 else None
-    if make is copyreg.__newobj__:
+    if make is _NEWOBJ:
         cls = args[0]
         new = cls.__new__(cls, *rw(tuple(args[1:]), path + ".__getnewargs__()"))
-    elif make is copyreg.__newobj_ex__:
+    elif make is _NEWOBJ_EX:
         cls, pos, kw = args
         new = cls.__new__(cls, *rw(pos, path), **rw(kw, path))
     else:

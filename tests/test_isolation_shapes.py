@@ -336,8 +336,10 @@ def test_weights_passed_into_a_checkpoint_are_right():
 # -- threads -------------------------------------------------------------------------------
 
 
-def test_patching_while_another_thread_adds_attributes_never_crashes():
+def test_patching_while_another_thread_adds_attributes_never_crashes(fast_thread_switching):
     model = Base()
+    for i in range(40):  # a longer __dict__ to copy: more chances to be interrupted in it
+        setattr(model, f"config{i}", [i])
     stop = threading.Event()
 
     def churn():
@@ -351,7 +353,7 @@ def test_patching_while_another_thread_adds_attributes_never_crashes():
     thread = threading.Thread(target=churn)
     thread.start()
     try:
-        for _ in range(200):
+        for _ in range(300):
             higher_func.monkeypatch(model)
     finally:
         stop.set()
