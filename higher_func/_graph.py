@@ -3,22 +3,27 @@
 A shallow copy of a module shares every attribute with the user's module, and through them
 whatever those attributes reach: lists of submodules, hooks that are closures over ``self``,
 ``functools.partial`` objects, dataclasses, dicts keyed by submodules, weakrefs to a parent,
-counters a forward increments. ``Rewriter`` walks that graph once per patch and applies one rule
-to every object it meets:
+counters a forward increments. One rule decides, for every object of that graph:
 
-    An object is rebuilt inside the patch when it reaches the patch's tree (a module,
-    parameter or buffer of the user's module) or may be changed by a forward (anything
-    mutable); what is immutable and reaches nothing is shared. What must be rebuilt but
-    cannot be is refused at patch time, with the path that reaches it.
+    An object is rebuilt inside the patch when it is the module's mutable state, or when it
+    reaches the tree (a module, parameter or buffer of the user's module) or the module's
+    state. Everything else is shared. What must be rebuilt and cannot be is refused at patch
+    time, with the path that reaches it.
+
+The module's state is what its attributes hold, through containers and objects but not inside
+functions; hooks and functions (their closures, defaults) are the program's code, shared unless
+they reach the tree or the state (``_reach.plan`` computes both sets). So a hook appending to a
+list of the user's script keeps appending to it, while a hook closing over ``self`` runs on the
+patch's copy.
 
 Rebuilding follows each object's own copy protocol (``__reduce_ex__``, the protocol ``copy``
 and ``pickle`` use), with every part rewritten by the same rule: that covers plain objects,
 dataclasses, namedtuples, ``SimpleNamespace``, ``functools.partial``, ``RemovableHandle``,
-container subclasses and bound methods without a list of known shapes. Only what has no such
-protocol has a rule of its own: functions (their closure cells, defaults and attributes),
-cells, bound methods, weakrefs, ``torch.Generator`` and tensors. Objects that neither have a
-protocol nor a rule (locks, C objects, running generators) are shared when nothing they
-reference reaches the tree, and refused otherwise.
+container subclasses and bound builtins without a list of known shapes. Only what has no such
+protocol has a rule of its own: functions (new cells where a cell must be rebuilt), cells,
+bound methods, weakrefs, ``torch.Generator`` (same state) and tensors. Objects with neither
+(locks, C objects, running generators) are shared when they reach nothing of the tree, and
+refused otherwise.
 
 Everything is memoized by identity, so what the user's module shares stays shared in the
 patch (two modules holding one list hold one copy of it; a cycle stays a cycle), and the
@@ -28,20 +33,20 @@ Two answers are refusals by design:
 
 - A reference to one of the tree's ``Parameter`` objects that does not go through its module
   (``self.weights = [self.lin.weight]``): the fast weights replace that parameter at every
-  step, and the reference would keep reading the model's own weights.
+  step, and the reference would keep reading the model's own weights. The same for a buffer
+  under ``num_tasks`` or ``torch.compile``, where the patch's buffer is another tensor.
 - A function that reads a module of the tree through a global name: globals are not part of
   the module, so the patch cannot re-point them.
 
-Tensors that are not parameters are copied (``_tensors.TensorCopies``): lazily where torch
-can (copy-on-write), so a large lookup table a forward never writes costs nothing, and by
-storage, so that views and buffers that share memory keep sharing it.
+Tensors of the state are copied (``_tensors.TensorCopies``): lazily where torch can
+(copy-on-write), so a large lookup table a forward never writes costs nothing, and by storage,
+so that views and buffers that share memory keep sharing it.
 """
 
 from __future__ import annotations
 
 import copyreg
 import enum
-import gc
 import types
 import weakref
 from collections import OrderedDict, defaultdict, deque
@@ -50,9 +55,10 @@ from typing import Any, Callable, Dict, List
 import torch
 from torch import nn
 
+from ._reach import LEAVES, Plan, plan
 from ._tensors import TensorCopies
 
-__all__ = ["Rewriter", "PatchRefused"]
+__all__ = ["Rewriter", "PatchRefused", "plan"]
 
 
 class PatchRefused(TypeError):
@@ -63,45 +69,10 @@ class PatchRefused(TypeError):
     """
 
 
-# Values shared as they are: immutable, and reaching nothing a forward could change.
-_ATOMS = frozenset(
-    {
-        type(None),
-        bool,
-        int,
-        float,
-        complex,
-        str,
-        bytes,
-        range,
-        slice,
-        type(Ellipsis),
-        type(NotImplemented),
-        torch.dtype,
-        torch.device,
-        torch.layout,
-        torch.memory_format,
-        torch.Size,
-        types.ModuleType,
-        types.CodeType,
-        types.BuiltinFunctionType,  # checked per value below: a bound builtin is rebuilt
-        types.WrapperDescriptorType,
-        types.MethodDescriptorType,
-        types.ClassMethodDescriptorType,
-        types.GetSetDescriptorType,
-        types.MemberDescriptorType,
-        property,
-    }
-)
-
 _UNSEEN = object()
 # What object.__reduce_ex__ names as the constructor of a plain instance (typeshed omits them).
-_NEWOBJ = getattr(copyreg, "__newobj__")
-_NEWOBJ_EX = getattr(copyreg, "__newobj_ex__")
-# An opaque object's referents are searched this far for the tree before giving up (and
-# sharing it): the search is for a reference the patch could not re-point, not a proof.
-_REACH_LIMIT = 10_000
-
+_NEWOBJ = copyreg.__newobj__  # type: ignore[attr-defined]
+_NEWOBJ_EX = copyreg.__newobj_ex__  # type: ignore[attr-defined]
 _Rule = Callable[["Rewriter", Any, str], Any]
 
 
@@ -115,12 +86,15 @@ class Rewriter:
         refused: ``id(tensor) -> what it is`` for the tensors that must not be reached except
             through their modules (the tree's parameters).
         tensors: where the other tensors are copied.
+        plan: what to rebuild (``_reach.plan``); everything else is shared.
 
     Example:
-        >>> rewrite = Rewriter({}, {}, {}, TensorCopies(compiling=False))
-        >>> log = [1]
-        >>> rewrite(log, "model.log") is log  # mutable: the patch gets its own
+        >>> log, seen = [1], []
+        >>> rewrite = Rewriter({}, {}, {}, TensorCopies(False), plan([log], [seen], bool))
+        >>> rewrite(log, "model.log") is log  # the module's state: the patch gets its own
         False
+        >>> rewrite(seen, "model._forward_hooks[0]") is seen  # the program's: shared
+        True
     """
 
     def __init__(
@@ -129,8 +103,11 @@ class Rewriter:
         tree: Dict[int, nn.Module],
         refused: Dict[int, str],
         tensors: TensorCopies,
+        plan: Plan,
     ) -> None:
         self._memo = memo
+        self._plan = plan
+        self._rebuild = plan.rebuild
         self._tree = tree
         self._refused = refused
         self._tensors = tensors
@@ -138,19 +115,32 @@ class Rewriter:
         # both must stay alive as long as the patch.
         self.keep: List[Any] = []
         self._filled: set = set()
-        self._reaches: Dict[int, bool] = {}
 
     def __call__(self, value: Any, path: str) -> Any:
         cls = type(value)
-        if cls in _ATOMS and cls is not types.BuiltinFunctionType:
+        if cls in LEAVES:
             return value
         hit = self._memo.get(id(value), _UNSEEN)
         if hit is not _UNSEEN:
             return hit
+        if id(value) not in self._rebuild:
+            return value
         rule = _RULES.get(cls)
         if rule is None:
             rule = _RULES[cls] = _rule_for(cls)
         return rule(self, value, path)
+
+    def parts(self, value: Any, path: str) -> Any:
+        """Rewrite what a copy protocol returned: its own tuples, lists and dicts are new
+        objects the plan has never seen, so they are rewritten item by item."""
+        cls = type(value)
+        if cls is tuple:
+            return tuple(self.parts(v, f"{path}[{i}]") for i, v in enumerate(value))
+        if cls is list:
+            return [self.parts(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        if cls is dict:
+            return {k: self.parts(v, f"{path}.{k}") for k, v in value.copy().items()}
+        return self(value, path)
 
     def _remember(self, value: Any, new: Any) -> Any:
         self._memo[id(value)] = new
@@ -160,31 +150,6 @@ class Rewriter:
     # -- refusals ------------------------------------------------------------------------
     def refuse(self, path: str, what: str, fix: str) -> PatchRefused:
         return PatchRefused(f"cannot patch the module: {path} {what}. {fix}")
-
-    def reaches_tree(self, value: Any) -> bool:
-        """Whether ``value`` references (transitively, through what the garbage collector
-        sees) a module or parameter of the tree."""
-        seen: set = set()
-        stack = [value]
-        while stack and len(seen) < _REACH_LIMIT:
-            obj = stack.pop()
-            if id(obj) in seen or type(obj) in _ATOMS or isinstance(obj, type):
-                continue
-            seen.add(id(obj))
-            if id(obj) in self._refused or id(obj) in self._tree:
-                return True
-            if isinstance(obj, types.FunctionType):
-                # Not its globals: those are the program's, not the module's.
-                stack.extend(_function_parts(obj))
-            else:
-                stack.extend(gc.get_referents(obj))
-        return False
-
-
-def _function_parts(fn: types.FunctionType) -> List[Any]:
-    parts: List[Any] = [c for c in fn.__closure__ or ()]
-    parts += [fn.__defaults__, fn.__kwdefaults__, fn.__dict__]
-    return parts
 
 
 # -- rules, one per kind of object; chosen once per class ----------------------------------
@@ -196,7 +161,7 @@ def _share(rw: Rewriter, value: Any, path: str) -> Any:
 
 def _builtin(rw: Rewriter, value: Any, path: str) -> Any:
     owner = getattr(value, "__self__", None)
-    if owner is None or type(owner) in _ATOMS or isinstance(owner, type):
+    if owner is None or type(owner) in LEAVES or isinstance(owner, type):
         return value
     new_owner = rw(owner, path + ".__self__")
     if new_owner is owner:
@@ -304,14 +269,17 @@ def _function(rw: Rewriter, fn: types.FunctionType, path: str) -> Any:
     new.__qualname__, new.__module__, new.__doc__ = fn.__qualname__, fn.__module__, fn.__doc__
     new.__annotations__ = fn.__annotations__
     for i, (old, cell) in enumerate(zip(closure or (), cells or ())):
-        name = fn.__code__.co_freevars[i]
-        _fill(rw, old, cell, f"{path}.__closure__[{i}] ({name})")
+        if cell is not old:
+            name = fn.__code__.co_freevars[i]
+            _fill(rw, old, cell, f"{path}.__closure__[{i}] ({name})")
     if fn.__dict__:
         new.__dict__.update(rw(fn.__dict__, path + ".__dict__"))
     return new
 
 
 def _cell_shell(rw: Rewriter, cell: Any) -> Any:
+    if id(cell) not in rw._rebuild:
+        return cell  # the program's: shared with the function it came from
     new = rw._memo.get(id(cell))
     if new is None:
         new = rw._remember(cell, types.CellType())
@@ -360,7 +328,7 @@ def _generator(rw: Rewriter, value: torch.Generator, path: str) -> Any:
 
 
 def _opaque(rw: Rewriter, value: Any, path: str, why: str) -> Any:
-    if rw.reaches_tree(value):
+    if id(value) in rw._plan.tree:
         raise rw.refuse(
             path,
             f"is a {type(value).__qualname__} that reaches the model's modules or "
@@ -386,18 +354,15 @@ def _by_protocol(rw: Rewriter, value: Any, path: str) -> Any:
     setter = reduced[5] if len(reduced) > 5 else None
     if make is _NEWOBJ:
         cls = args[0]
-        new = cls.__new__(cls, *rw(tuple(args[1:]), path + ".__getnewargs__()"))
+        new = cls.__new__(cls, *rw.parts(tuple(args[1:]), path))
     elif make is _NEWOBJ_EX:
         cls, pos, kw = args
-        new = cls.__new__(cls, *rw(pos, path), **rw(kw, path))
+        new = cls.__new__(cls, *rw.parts(pos, path), **rw.parts(kw, path))
     else:
-        new = make(*rw(tuple(args), path + ".__reduce__()"))
+        new = make(*rw.parts(tuple(args), path))
     rw._remember(value, new)
     if state is not None:
-        if isinstance(state, dict):
-            state = {k: rw(v, f"{path}.{k}") for k, v in state.copy().items()}
-        else:
-            state = rw(state, path + ".__getstate__()")
+        state = rw.parts(state, path)
         if setter is not None:
             setter(new, state)
         elif hasattr(new, "__setstate__"):

@@ -44,7 +44,7 @@ from ._compat import (
     inside_checkpoint,
     is_compiling,
 )
-from ._graph import Rewriter
+from ._graph import Rewriter, plan
 from ._tensors import TensorCopies
 
 # nn.Module's own bookkeeping containers (parameters, buffers, children, hooks, the set of
@@ -170,6 +170,23 @@ def _own(rewrite: Rewriter, copy: nn.Module, shared: List[str], path: str) -> No
             object.__setattr__(copy, key, value)
 
 
+def _roots(shared: List[Tuple[nn.Module, List[str], str]]) -> Tuple[List[Any], List[Any]]:
+    """The copies' attribute values (the module's state) and hooks (the program's code)."""
+    state: List[Any] = []
+    code: List[Any] = []
+    for copy, keys, _ in shared:
+        values = copy.__dict__
+        for key in keys:
+            if key in _HOOK_DICTS_SET:
+                code.extend(values[key].values())
+            elif key in values:
+                if key != COMPILED_CALL and key not in RNN_WEIGHT_LISTS:
+                    state.append(values[key])
+            else:
+                state.append(getattr(copy, key))  # a slot
+    return state, code
+
+
 _IMMUTABLE = frozenset({bool, int, float, str, type(None), torch.dtype, torch.device})
 
 
@@ -236,8 +253,11 @@ class ModuleTree:
         else:
             self.private_buffers = [tensors.copy(b, detach=True) for b in buffers.originals]
             memo.update(zip(map(id, buffers.originals), self.private_buffers))
+        self._keep: List[Any] = []
         if shared:
-            rewrite = Rewriter(memo, self.copies, refused, tensors)
+            state, code = _roots(shared)
+            decided = plan(state, code, lambda obj: id(obj) in memo or id(obj) in refused)
+            rewrite = Rewriter(memo, self.copies, refused, tensors, decided)
             for copy, keys, path in shared:
                 _own(rewrite, copy, keys, path)
             self._keep = rewrite.keep  # what the walk's ids refer to lives as long as the patch

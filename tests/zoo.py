@@ -703,15 +703,11 @@ def _deep_children_and_print(obj: Any) -> tuple:
     if isinstance(obj, torch.Generator):
         return [], obj.get_state()
     if isinstance(obj, types.FunctionType):
-        cells = list(obj.__closure__ or ())
-        parts = [obj.__defaults__, obj.__kwdefaults__, obj.__dict__, *cells]
-        return parts, tuple(id(p) for p in parts)
-    if isinstance(obj, types.CellType):
-        try:
-            contents = obj.cell_contents
-        except ValueError:
-            return [], None
-        return [contents], id(contents)
+        # Code, not the module's state: what its closure holds is the program's (a hook's
+        # list of activations, a counter), and the patch shares it by design.
+        return [], None
+    if isinstance(obj, types.MethodType):
+        return [obj.__self__], (id(obj.__self__), id(obj.__func__))
     if isinstance(obj, weakref.ref):
         referent = obj()
         return ([] if referent is None else [referent]), id(referent)
@@ -728,8 +724,9 @@ def _deep_children_and_print(obj: Any) -> tuple:
 
 
 def snapshot_deep(module: nn.Module) -> dict:
-    """``id -> (object, print)`` of everything reachable from ``module`` (not through
-    functions' globals, classes or Python modules)."""
+    """``id -> (object, print)`` of the module's state: everything reachable from ``module``
+    through containers, objects, bound methods and weakrefs (not inside functions, classes or
+    Python modules); the functions themselves by identity."""
     seen: dict = {}
     stack: list = [module]
     while stack:
