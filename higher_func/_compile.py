@@ -10,6 +10,8 @@ import torch
 
 from . import _compat
 from ._batching import attention_fastpath_off
+from ._graph import PatchRefused
+from ._tree import diagnosing_compile
 
 # A zero that requires grad, made outside any compiled region. Weights that eager code makes
 # into new leaves (``detach().requires_grad_()``: the copies of copy_initial_weights=True, and
@@ -93,10 +95,29 @@ def compile(fn: Optional[Callable[..., Any]] = None, **compile_kwargs: Any) -> C
         # The attention fast path is off for the whole compiled call: batched patches turn
         # it off around each vmapped call in eager code (see _batching), which Dynamo does not
         # trace.
-        with _compat.tracing_autograd(), _tracing_rnns(), attention_fastpath_off():
-            return compiled(*args, **kwargs)
+        try:
+            with _compat.tracing_autograd(), _tracing_rnns(), attention_fastpath_off():
+                return compiled(*args, **kwargs)
+        except PatchRefused:
+            raise
+        except Exception as error:
+            _explain(fn, args, kwargs, error)
+            raise
 
     return run
+
+
+def _explain(fn: Callable[..., Any], args: tuple, kwargs: dict, error: Exception) -> None:
+    """Raise ``PatchRefused`` naming the model's attribute when a failed trace was one of a
+    patch's rebuilds (see ``_tree.diagnosing_compile``); return otherwise. Runs ``fn`` eagerly
+    until its first patch is built, and no further."""
+    try:
+        with diagnosing_compile(), torch.no_grad():
+            fn(*args, **kwargs)
+    except PatchRefused as refused:
+        raise refused from error
+    except Exception:  # noqa: BLE001 -- nothing to add: the original error stands
+        return
 
 
 def _tracing_rnns() -> contextlib.AbstractContextManager[Any]:

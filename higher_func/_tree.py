@@ -32,7 +32,9 @@ reassign a buffer (``self.ema = 0.9 * self.ema + ...``).
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence, Tuple
+import contextlib
+import threading
+from typing import Any, Dict, Iterator, List, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -44,7 +46,7 @@ from ._compat import (
     inside_checkpoint,
     is_compiling,
 )
-from ._graph import Rewriter, plan
+from ._graph import PatchRefused, Rewriter, plan
 from ._tensors import TensorCopies
 
 # nn.Module's own bookkeeping containers (parameters, buffers, children, hooks, the set of
@@ -170,6 +172,57 @@ def _own(rewrite: Rewriter, copy: nn.Module, shared: List[str], path: str) -> No
             object.__setattr__(copy, key, value)
 
 
+class _Diagnosis(threading.local):
+    active = False
+
+
+_diagnosis = _Diagnosis()
+
+
+class NothingToRebuild(Exception):
+    """Raised while diagnosing a failed compile: this patch rebuilds nothing."""
+
+
+@contextlib.contextmanager
+def diagnosing_compile() -> Iterator[None]:
+    """While active, building a tree raises ``PatchRefused`` naming the first attribute it
+    would rebuild, or ``NothingToRebuild``: why a compiled meta-step failed to trace."""
+    _diagnosis.active = True
+    try:
+        yield
+    finally:
+        _diagnosis.active = False
+
+
+def _diagnose(
+    shared: List[Tuple[nn.Module, List[str], str]], memo: Dict[int, Any], refused: Dict[int, str]
+) -> None:
+    state, code = _roots(shared)
+    decided = plan(state, code, lambda obj: id(obj) in memo or id(obj) in refused)
+    rebuilt = []
+    for copy, keys, path in shared:
+        values = copy.__dict__
+        for key in keys:
+            found = values.get(key, _NO_VALUE)
+            hooks = values[key].items() if key in _HOOK_DICTS_SET else [(None, found)]
+            for hook_id, value in hooks:
+                if id(value) in decided.rebuild:
+                    where = f"{path}.{key}" + ("" if hook_id is None else f"[{hook_id}]")
+                    rebuilt.append(f"{where} ({type(value).__name__})")
+    if rebuilt:
+        raise PatchRefused(
+            "higher_func.compile could not trace the patch of this module, which rebuilds "
+            f"{', '.join(rebuilt)}: each reaches the model's modules, parameters or mutable "
+            "state, so every patch makes its own, and one of these rebuilds is not something "
+            "torch.compile can trace. Keep what the forward needs as attributes of the module "
+            "(submodules, tensors, plain lists and dicts of them), or run this meta-step eagerly"
+        )
+    raise NothingToRebuild
+
+
+_NO_VALUE = object()
+
+
 def _roots(shared: List[Tuple[nn.Module, List[str], str]]) -> Tuple[List[Any], List[Any]]:
     """The copies' attribute values (the module's state) and hooks (the program's code)."""
     state: List[Any] = []
@@ -254,6 +307,8 @@ class ModuleTree:
             self.private_buffers = [tensors.copy(b, detach=True) for b in buffers.originals]
             memo.update(zip(map(id, buffers.originals), self.private_buffers))
         self._keep: List[Any] = []
+        if _diagnosis.active:
+            _diagnose(shared, memo, refused)
         if shared:
             state, code = _roots(shared)
             decided = plan(state, code, lambda obj: id(obj) in memo or id(obj) in refused)
