@@ -358,3 +358,21 @@ def test_patching_while_another_thread_adds_attributes_never_crashes(fast_thread
     finally:
         stop.set()
         thread.join()
+
+
+# -- compile ---------------------------------------------------------------------------------
+
+
+def test_what_compile_cannot_rebuild_is_an_error_naming_the_attribute():
+    torch.manual_seed(0)
+    model = _bound_impl(Base())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    @higher_func.compile(backend="eager")
+    def meta_loss(x):
+        with higher_func.innerloop_ctx(model, opt, copy_initial_weights=False) as (fm, diffopt):
+            diffopt.step(fm(x).pow(2).sum())
+            return fm(x).pow(2).sum()
+
+    with pytest.raises(PatchRefused, match=r"model\.impl \(method\)"):
+        meta_loss(torch.randn(4, 3))
