@@ -131,15 +131,21 @@ class Rewriter:
         return rule(self, value, path)
 
     def parts(self, value: Any, path: str) -> Any:
-        """Rewrite what a copy protocol returned: its own tuples, lists and dicts are new
-        objects the plan has never seen, so they are rewritten item by item."""
+        """Rewrite what a copy protocol returned. The plan knows the objects themselves; the
+        tuples, lists and dicts a protocol makes to hold them (or passes through unplanned, as
+        a partial's arguments) are rewritten item by item, keys included."""
+        if id(value) in self._rebuild or id(value) in self._memo:
+            return self(value, path)
         cls = type(value)
         if cls is tuple:
             return tuple(self.parts(v, f"{path}[{i}]") for i, v in enumerate(value))
         if cls is list:
             return [self.parts(v, f"{path}[{i}]") for i, v in enumerate(value)]
         if cls is dict:
-            return {k: self.parts(v, f"{path}.{k}") for k, v in value.copy().items()}
+            return {
+                self.parts(k, f"{path}.keys()"): self.parts(v, f"{path}.{k}")
+                for k, v in value.copy().items()
+            }
         return self(value, path)
 
     def _remember(self, value: Any, new: Any) -> Any:

@@ -57,7 +57,7 @@ OUTER = {
     "namedtuple": (lambda t: Point(t, "x"), lambda r: r.value),
     "dataclass": (lambda t: Box(t), lambda r: r.value),
     "namespace": (lambda t: types.SimpleNamespace(value=t), lambda r: r.value),
-    "closure": (lambda t: (lambda: t), lambda r: r()),
+    "closure": (lambda t: lambda: t, lambda r: r()),
     "partial": (lambda t: functools.partial(_identity, t), lambda r: r()),
     "bound": (lambda t: types.MethodType(_value_of, Box(t)), lambda r: r()),
 }
