@@ -11,9 +11,12 @@ Tested with torch 2.13.0; ``MIN_TORCH`` is the oldest torch ``higher_func.compil
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+import sys
+import types
+from typing import Any, Callable, Optional
 
 import torch
+import torch.utils.checkpoint as _checkpoint
 
 # The common base of BatchNorm1d/2d/3d, their lazy variants and SyncBatchNorm, which share
 # running statistics and the ``momentum=None`` cumulative average. There is no public base
@@ -33,6 +36,7 @@ __all__ = [
     "is_compiling",
     "lazy_clone",
     "storage_key",
+    "top_saved_tensors_hooks",
     "pytree",
     "tracing_autograd",
 ]
@@ -119,24 +123,27 @@ def storage_key(tensor: torch.Tensor) -> int:
 _CHECKPOINT_HOOKS = ("_checkpoint_hook.", "_recomputation_hook.")
 
 
+#: The innermost saved-tensors hooks, or None: a C call, cheap enough to make per weight read.
+top_saved_tensors_hooks: Callable[[bool], Any] = torch._C._autograd._top_saved_tensors_default_hooks
+
+
 def inside_checkpoint() -> bool:
     """Whether the caller runs inside ``torch.utils.checkpoint`` (forward or recomputation).
+
+    Cheap when the answer is no and gradients are on: one C call (hot paths test
+    ``top_saved_tensors_hooks(False) is None and torch.is_grad_enabled()`` first).
 
     Example:
         >>> inside_checkpoint()
         False
     """
-    import sys
-
-    import torch.utils.checkpoint as checkpoint
-
-    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    hooks = top_saved_tensors_hooks(False)
     if hooks is not None:
         return hooks[0].__qualname__.startswith(_CHECKPOINT_HOOKS)
     if torch.is_grad_enabled():  # the reentrant forward runs under no_grad: refused there
         return False
-    reentrant = checkpoint.CheckpointFunction.forward.__code__
-    frame = sys._getframe(1)
+    reentrant = _checkpoint.CheckpointFunction.forward.__code__
+    frame: Optional[types.FrameType] = sys._getframe(1)
     while frame is not None:
         if frame.f_code is reentrant:
             return True

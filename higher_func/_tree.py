@@ -45,6 +45,7 @@ from ._compat import (
     RNN_WEIGHT_LISTS,
     inside_checkpoint,
     is_compiling,
+    top_saved_tensors_hooks,
 )
 from ._graph import PatchRefused, Rewriter, plan
 from ._tensors import TensorCopies
@@ -76,6 +77,10 @@ def _checkpoint_error(what: str) -> None:
     )
 
 
+_top_hooks = top_saved_tensors_hooks
+_grad_enabled = torch.is_grad_enabled
+
+
 class _GuardedParameters(dict):
     """A copy's parameter dictionary that refuses to be read inside ``torch.utils.checkpoint``.
 
@@ -91,8 +96,10 @@ class _GuardedParameters(dict):
     __slots__ = ()
 
     def __getitem__(self, key: str) -> Any:
-        if inside_checkpoint():
-            _checkpoint_error(f"code reading the parameter {key!r}")
+        # Inlined: no saved-tensors hooks and gradients on (the usual read) is two C calls.
+        if _top_hooks(False) is not None or not _grad_enabled():
+            if inside_checkpoint():
+                _checkpoint_error(f"code reading the parameter {key!r}")
         return dict.__getitem__(self, key)
 
     def get(self, key: str, default: Any = None) -> Any:
@@ -108,10 +115,10 @@ class _GuardedParameters(dict):
         return dict(dict.items(self))
 
 
-def _shallow_copy(module: nn.Module, memo: Dict[int, Any]) -> Tuple[nn.Module, List[str]]:
+def _shallow_copy(module: nn.Module, guard: bool) -> Tuple[nn.Module, List[str]]:
     """A copy of ``module`` owning nn.Module's bookkeeping containers and sharing the rest,
-    and the keys of what it shares that the rewrite must look at. Each container copied is
-    recorded in ``memo`` as ``id(original) -> copy`` (handles and the like point at them)."""
+    and the keys of what it shares that the rewrite must look at. ``guard``: the parameter
+    dictionary refuses reads inside checkpointing (``_GuardedParameters``)."""
     if isinstance(module, torch.jit.ScriptModule):
         raise TypeError(
             f"cannot patch the TorchScript module {type(module).__name__}: patch the Python "
@@ -124,8 +131,8 @@ def _shallow_copy(module: nn.Module, memo: Dict[int, Any]) -> Tuple[nn.Module, L
     shared = []  # hook dicts with hooks in them, and attributes that are not plain values
     for key, value in state.items():  # one pass: this runs per submodule per patch
         if key in _BOOKKEEPING_SET:
-            state[key] = own = value.copy()
-            memo[id(value)] = own
+            guarded = guard and key == "_parameters" and value
+            state[key] = _GuardedParameters(value) if guarded else value.copy()
             if value and key in _HOOK_DICTS_SET:
                 shared.append(key)
         elif type(value) not in _IMMUTABLE:
@@ -283,9 +290,9 @@ class ModuleTree:
         self.copies: Dict[int, nn.Module] = {}
         self.buffers_as_attributes = compiling
         params, buffers = _Tensors(), _Tensors()
-        memo: Dict[int, Any] = {}
+        pairs: List[Tuple[nn.Module, nn.Module]] = []  # (the user's module, its copy)
         shared: List[Tuple[nn.Module, List[str], str]] = []  # what the rewrite visits
-        self.root = self._copy(module, "", "model", params, buffers, shared, memo)
+        self.root = self._copy(module, "", "model", params, buffers, shared, pairs)
         self.param_names, self.params, self.param_index = (
             params.names,
             params.originals,
@@ -297,25 +304,39 @@ class ModuleTree:
         # The patch's own buffers, made here with the tensor attributes so that a view of a
         # buffer stays a view of the patch's buffer. With tasks or under compile the patch
         # stacks or clones them itself, and another reference to a buffer is refused.
+        own_buffers = not (compiling or batched)
         self.private_buffers: List[torch.Tensor] = []
+        if own_buffers:
+            self.private_buffers = [tensors.copy(b, detach=True) for b in buffers.originals]
+        self._keep: List[Any] = []
+        if not shared and not _diagnosis.active:  # nothing shared but plain values: the usual
+            self._finish(compiling)
+            return
+        memo: Dict[int, Any] = {}
+        for original, copy in pairs:
+            memo[id(original)] = copy
+            mine = copy.__dict__
+            for key, value in original.__dict__.copy().items():
+                if key in _BOOKKEEPING_SET:
+                    memo[id(value)] = mine[key]  # what handles and the like point at
         refused = {id(p): f"the parameter {n!r}" for n, p in zip(params.names, params.originals)}
-        if compiling or batched:
+        if own_buffers:
+            memo.update(zip(map(id, buffers.originals), self.private_buffers))
+        else:
             why = "with num_tasks" if batched else "under torch.compile"
             for n, b in zip(buffers.names, buffers.originals):
                 refused[id(b)] = f"the buffer {n!r} ({why} the patch's buffer is another tensor)"
-        else:
-            self.private_buffers = [tensors.copy(b, detach=True) for b in buffers.originals]
-            memo.update(zip(map(id, buffers.originals), self.private_buffers))
-        self._keep: List[Any] = []
         if _diagnosis.active:
             _diagnose(shared, memo, refused)
-        if shared:
-            state, code = _roots(shared)
-            decided = plan(state, code, lambda obj: id(obj) in memo or id(obj) in refused)
-            rewrite = Rewriter(memo, self.copies, refused, tensors, decided)
-            for copy, keys, path in shared:
-                _own(rewrite, copy, keys, path)
-            self._keep = rewrite.keep  # what the walk's ids refer to lives as long as the patch
+        state, code = _roots(shared)
+        decided = plan(state, code, lambda obj: id(obj) in memo or id(obj) in refused)
+        rewrite = Rewriter(memo, self.copies, refused, tensors, decided)
+        for copy, keys, path in shared:
+            _own(rewrite, copy, keys, path)
+        self._keep = rewrite.keep  # what the walk's ids refer to lives as long as the patch
+        self._finish(compiling)
+
+    def _finish(self, compiling: bool) -> None:
         self.buffer_slot_keys = {(id(d), k) for d, k, _ in self._buffer_slots}
         # The first slot of each distinct tensor, to read it back.
         self._first_buffer_slot = {i: (d, k) for d, k, i in reversed(self._buffer_slots)}
@@ -336,18 +357,16 @@ class ModuleTree:
         params: _Tensors,
         buffers: _Tensors,
         shared: List[Tuple[nn.Module, List[str], str]],
-        memo: Dict[int, Any],
+        pairs: List[Tuple[nn.Module, nn.Module]],
     ):
         # One pass in the order of module.named_parameters(remove_duplicate=False): the copy
         # of a submodule reachable under two names is made once, its names recorded twice.
         copy = self.copies.get(id(module))
         first = copy is None
         if first:
-            copy, keys = _shallow_copy(module, memo)
-            self.copies[id(module)] = memo[id(module)] = copy
-            if copy.__dict__["_parameters"] and not self.buffers_as_attributes:
-                guarded = _GuardedParameters(copy.__dict__["_parameters"])
-                copy.__dict__["_parameters"] = memo[id(module._parameters)] = guarded
+            copy, keys = _shallow_copy(module, guard=not self.buffers_as_attributes)
+            self.copies[id(module)] = copy
+            pairs.append((module, copy))
             if keys:
                 shared.append((copy, keys, path))
         state = copy.__dict__
@@ -377,7 +396,7 @@ class ModuleTree:
             if child is not None:
                 child_path = f"{path}[{name}]" if name.isdigit() else f"{path}.{name}"
                 child_copy = self._copy(
-                    child, prefix + name + ".", child_path, params, buffers, shared, memo
+                    child, prefix + name + ".", child_path, params, buffers, shared, pairs
                 )
                 if first:
                     children[name] = child_copy
