@@ -209,6 +209,41 @@ def test_nested_shapes_compute_like_the_oracle():
     oracle_check(model, torch.randn(4, 3, dtype=torch.float64))
 
 
+# -- what is the program's stays the program's ----------------------------------------------
+
+
+def test_hooks_keep_writing_to_the_scripts_own_objects():
+    # Feature extraction: a hook closing over a dict of the user's script, and a callable hook
+    # object collecting outputs. Neither reaches the model, so both are shared, as in higher.
+    model = Base()
+    features = {}
+    model.a.register_forward_hook(lambda m, i, o: features.__setitem__("a", o))
+
+    class Collect:
+        def __init__(self):
+            self.outputs = []
+
+        def __call__(self, module, args, output):
+            self.outputs.append(output)
+
+    collect = Collect()
+    model.b.register_forward_hook(collect)
+    fmodel = higher_func.monkeypatch(model)
+    fmodel.update_params([p.detach().clone() for p in model.parameters()])
+    fmodel(torch.randn(2, 3))
+    assert "a" in features and len(collect.outputs) == 1
+
+
+def test_the_modules_own_generator_is_copied_with_its_state():
+    model = Base()
+    model.gen = torch.Generator().manual_seed(5)
+    state = model.gen.get_state()
+    fmodel = higher_func.monkeypatch(model)
+    assert fmodel.gen is not model.gen and torch.equal(fmodel.gen.get_state(), state)
+    torch.rand(3, generator=fmodel.gen)
+    assert torch.equal(model.gen.get_state(), state)
+
+
 # -- tensors -----------------------------------------------------------------------------
 
 
@@ -294,23 +329,36 @@ def test_an_object_that_cannot_be_copied_and_reaches_nothing_is_shared():
     assert higher_func.monkeypatch(model).lock is model.lock
 
 
+def test_a_buffer_held_outside_its_module_is_refused_with_tasks():
+    model = Aliased()
+    model.state_view = [model.state]
+    with pytest.raises(PatchRefused, match=r"model\.state_view\[0\] is the buffer 'state'"):
+        higher_func.monkeypatch(model, num_tasks=2)
+
+
 # -- checkpointing, however reached --------------------------------------------------------
 
 
-def _helper(fn, x):  # a helper whose name does not say "checkpoint"
-    return checkpoint(fn, x, use_reentrant=False)
+def _helper(fn, x, reentrant):  # a helper whose name does not say "checkpoint"
+    return checkpoint(fn, x, use_reentrant=reentrant)
 
 
 class Helper(Base):
+    reentrant = False
+
     def forward(self, x):
-        return self.b(_helper(self.a, x))
+        return self.b(_helper(self.a, x, self.reentrant))
 
 
-def test_checkpointing_through_a_helper_is_refused():
-    fmodel = higher_func.monkeypatch(Helper())
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpointing_through_a_helper_is_refused(reentrant):
+    model = Helper()
+    model.reentrant = reentrant
+    fmodel = higher_func.monkeypatch(model)
     fmodel.update_params([p.detach().clone().requires_grad_() for p in fmodel.parameters()])
-    with pytest.raises(RuntimeError, match="checkpoint"):
-        fmodel(torch.randn(2, 3))
+    x = torch.randn(2, 3, requires_grad=True)  # reentrant checkpointing needs an input that does
+    with pytest.raises(RuntimeError, match="checkpoint around code reading the parameter"):
+        fmodel(x)
 
 
 def test_torchs_checkpoint_wrapper_is_refused():
