@@ -8,7 +8,8 @@ The strategy draws references as chains of wrappers around a target (a submodule
 module, a buffer or a parameter): containers of every standard kind, container keys,
 namedtuples, dataclasses, ``SimpleNamespace``, closures, ``functools.partial``, bound methods
 and weakrefs, nested; stored on the root, on a submodule, or in a hook's closure; and the
-forward writes state (a counter, a list, a buffer in place) as it goes.
+forward writes state (a counter, a list, a defaultdict, a random generator, a buffer in
+place) as it goes.
 """
 
 from __future__ import annotations
@@ -102,6 +103,8 @@ class Generated(nn.Module):
         self.register_buffer("buf", torch.ones(3, dtype=torch.float64))
         self.log: list = []
         self.box = Box(None)
+        self.counts: collections.defaultdict = collections.defaultdict(int)
+        self.gen = torch.Generator().manual_seed(0)
         self.on_root, self.a.refs = [], []
         for kind, inner, outer, where in uses:
             target = {"submodule": self.a, "root": self, "buffer": self.buf}.get(kind)
@@ -121,7 +124,9 @@ class Generated(nn.Module):
     def forward(self, x):
         self.log.append(len(self.log))
         self.box.calls += 1
-        h = self.a(x)
+        self.counts["calls"] += 1
+        noise = torch.rand(x.shape, generator=self.gen, dtype=x.dtype)
+        h = self.a(x + 1e-3 * noise)
         for kind, reference, shapes in [*self.on_root, *self.a.refs]:
             h = h + 0.1 * _use(_unwrap(reference, shapes), kind, x)
         return self.b(torch.tanh(h))
