@@ -99,8 +99,9 @@ def _eager_clone(tensor: torch.Tensor) -> torch.Tensor:
 lazy_clone: Callable[[torch.Tensor], torch.Tensor] = getattr(torch, "_lazy_clone", _eager_clone)
 
 
-def storage_key(tensor: torch.Tensor) -> int:
-    """An identity for the memory a tensor views, equal for every view of one storage.
+def storage_key(storage: Any) -> int:
+    """An identity for a tensor's storage (``tensor.untyped_storage()``), the same for every
+    view of it.
 
     ``data_ptr()`` would do, but reading it materializes a copy-on-write storage (a full copy
     of a lazily cloned tensor); ``_cdata`` is the storage object's own address, private since
@@ -108,10 +109,10 @@ def storage_key(tensor: torch.Tensor) -> int:
 
     Example:
         >>> t = torch.zeros(3)
-        >>> storage_key(t) == storage_key(t[1:])
+        >>> storage_key(t.untyped_storage()) == storage_key(t[1:].untyped_storage())
         True
     """
-    return tensor.untyped_storage()._cdata
+    return storage._cdata
 
 
 # torch.utils.checkpoint has no public way to ask "is this code running inside a checkpointed

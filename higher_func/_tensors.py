@@ -43,27 +43,32 @@ class TensorCopies:
 
     def __init__(self, compiling: bool) -> None:
         self._compiling = compiling
-        self._storages: Dict[int, torch.Tensor] = {}  # storage key -> bytes of its copy
+        self._storages: Dict[int, torch.Tensor] = {}  # storage key -> a tensor over its copy
 
     def copy(self, tensor: torch.Tensor, detach: bool = False) -> torch.Tensor:
-        if detach:
+        if detach and tensor.requires_grad:
             tensor = tensor.detach()
         if self._compiling or not _by_storage(tensor):
             return tensor.clone()
-        key = storage_key(tensor)
-        whole = self._storages.get(key)
-        if whole is None:
-            original = torch.empty(0, dtype=torch.uint8, device=tensor.device)
-            original.set_(tensor.untyped_storage())
-            whole = self._storages[key] = lazy_clone(original)
+        storage = tensor.untyped_storage()
+        key = storage_key(storage)
+        base = self._storages.get(key)
+        if base is None:
+            if tensor.storage_offset() == 0 and tensor.is_contiguous():
+                if tensor.numel() * tensor.element_size() == storage.nbytes():
+                    # The usual case: the tensor is its whole storage. One op.
+                    new = self._storages[key] = lazy_clone(tensor)
+                    return new
+            whole = torch.empty(0, dtype=torch.uint8, device=tensor.device).set_(storage)
+            base = self._storages[key] = lazy_clone(whole)
         view = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
         return view.set_(
-            whole.untyped_storage(), tensor.storage_offset(), tensor.size(), tensor.stride()
+            base.untyped_storage(), tensor.storage_offset(), tensor.size(), tensor.stride()
         )
 
     def shares_storage(self, tensor: torch.Tensor) -> bool:
         """Whether ``tensor`` shares memory with a tensor copied so far."""
-        return _by_storage(tensor) and storage_key(tensor) in self._storages
+        return _by_storage(tensor) and storage_key(tensor.untyped_storage()) in self._storages
 
 
 def _by_storage(tensor: torch.Tensor) -> bool:

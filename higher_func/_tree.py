@@ -135,7 +135,7 @@ def _shallow_copy(module: nn.Module, guard: bool) -> Tuple[nn.Module, List[str]]
             state[key] = _GuardedParameters(value) if guarded else value.copy()
             if value and key in _HOOK_DICTS_SET:
                 shared.append(key)
-        elif type(value) not in _IMMUTABLE:
+        elif type(value) not in _IMMUTABLE and not _plain_tuple(value):
             shared.append(key)
     for slot in _slot_names(type(module)):  # attributes kept in __slots__, not in __dict__
         if hasattr(module, slot):
@@ -245,6 +245,12 @@ def _roots(shared: List[Tuple[nn.Module, List[str], str]]) -> Tuple[List[Any], L
             else:
                 state.append(getattr(copy, key))  # a slot
     return state, code
+
+
+def _plain_tuple(value: Any) -> bool:
+    # Convolutions' kernel_size, stride, padding...: immutable and reaching nothing, so they
+    # need no walk (which would cost every patch of a convolutional network).
+    return type(value) is tuple and all(type(v) in _IMMUTABLE for v in value)
 
 
 _IMMUTABLE = frozenset({bool, int, float, str, type(None), torch.dtype, torch.device})
