@@ -20,8 +20,9 @@ weight-norm hook, a flag flipped by a ``train()`` override) lands on the copy, a
 plain module holding the fast weights.
 
 ``torch.utils.checkpoint`` inside a patched forward would recompute, during the meta-backward,
-on whatever fast weights the copies hold by then. Every copy that owns parameters refuses to
-run inside a checkpointed region (a check made at call time, ``_compat.inside_checkpoint``).
+on whatever fast weights the copies hold by then. The copies' parameter dictionaries refuse to
+be read inside a checkpointed region (``_GuardedParameters``: a check made at call time, on
+each weight read, however the checkpoint was reached).
 
 Under ``torch.compile`` the copies are built inside the traced function (Dynamo traces
 ``object.__new__`` and dictionary copies). One difference there: buffers live as plain
