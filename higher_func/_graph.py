@@ -321,7 +321,11 @@ def _weakref(rw: Rewriter, value: weakref.ref, path: str) -> Any:
     if new is referent:
         return value
     if type(value) is not weakref.ref:
-        raise rw.refuse(path, f"is a {type(value).__name__} to an object the patch copies", "")
+        raise rw.refuse(
+            path,
+            f"is a {type(value).__name__} (a weakref subclass) to an object the patch copies",
+            "A plain weakref.ref can be re-pointed at the copy; keep one instead",
+        )
     callback = rw(value.__callback__, path + ".__callback__")
     rw.keep.append(new)  # a copy only this weakref points at must live as long as the patch
     return rw._remember(value, weakref.ref(new, callback))
