@@ -11,9 +11,12 @@ Tested with torch 2.13.0; ``MIN_TORCH`` is the oldest torch ``higher_func.compil
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+import sys
+import types
+from typing import Any, Callable, Optional
 
 import torch
+import torch.utils.checkpoint as _checkpoint
 
 # The common base of BatchNorm1d/2d/3d, their lazy variants and SyncBatchNorm, which share
 # running statistics and the ``momentum=None`` cumulative average. There is no public base
@@ -39,7 +42,11 @@ __all__ = [
     "foreach_mul",
     "foreach_neg",
     "foreach_sqrt",
+    "inside_checkpoint",
     "is_compiling",
+    "lazy_clone",
+    "storage_key",
+    "top_saved_tensors_hooks",
     "pytree",
     "sdpa_math",
     "tracing_autograd",
@@ -152,3 +159,79 @@ is_compiling: Callable[[], bool] = _find_is_compiling()
 #: (another thread's attention would change kernel too). A private op since torch 2.0
 #: (``scale=`` since 2.1, ``enable_gqa=`` since 2.5); returns ``(output, weights)``.
 sdpa_math = torch.ops.aten._scaled_dot_product_attention_math
+
+
+# -- the patch's private copies (issue 19: _tree, _graph, _tensors) --------------------------
+
+
+def _eager_clone(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.clone()
+
+
+#: A copy-on-write clone: no memory is copied until one side is written. ``torch._lazy_clone``
+#: exists since torch 2.3 and has no public name (``clone`` always copies). Before it, a
+#: plain clone: right, only slower for large tensors a forward never writes.
+lazy_clone: Callable[[torch.Tensor], torch.Tensor] = getattr(torch, "_lazy_clone", _eager_clone)
+
+
+def storage_key(storage: Any) -> int:
+    """An identity for a tensor's storage (``tensor.untyped_storage()``), the same for every
+    view of it.
+
+    ``data_ptr()`` would do, but reading it materializes a copy-on-write storage (a full copy
+    of a lazily cloned tensor); ``_cdata`` is the storage object's own address, private since
+    torch 1.x, with no public equivalent.
+
+    Example:
+        >>> t = torch.zeros(3)
+        >>> storage_key(t.untyped_storage()) == storage_key(t[1:].untyped_storage())
+        True
+    """
+    return storage._cdata
+
+
+# torch.utils.checkpoint has no public way to ask "is this code running inside a checkpointed
+# region (or its recomputation)?". Non-reentrant checkpointing (torch >= 2.0) packs saved
+# tensors with hooks whose classes are named below; the innermost default hooks are read with
+# torch._C._autograd._top_saved_tensors_default_hooks (private, torch >= 2.0). Reentrant
+# checkpointing runs the forward under no_grad inside CheckpointFunction.forward, found on the
+# Python stack with sys._getframe (CPython's, no public way).
+_CHECKPOINT_HOOKS = ("_checkpoint_hook.", "_recomputation_hook.")
+
+
+#: The innermost saved-tensors hooks, or None: a C call, cheap enough to make per weight read.
+top_saved_tensors_hooks: Callable[[bool], Any] = torch._C._autograd._top_saved_tensors_default_hooks
+
+
+def inside_checkpoint() -> bool:
+    """Whether the caller runs inside ``torch.utils.checkpoint`` (forward or recomputation).
+
+    Cheap when the answer is no and gradients are on: one C call (hot paths test
+    ``top_saved_tensors_hooks(False) is None and torch.is_grad_enabled()`` first).
+
+    Example:
+        >>> inside_checkpoint()
+        False
+    """
+    hooks = top_saved_tensors_hooks(False)
+    if hooks is not None:
+        return hooks[0].__qualname__.startswith(_CHECKPOINT_HOOKS)
+    if torch.is_grad_enabled():  # the reentrant forward runs under no_grad: refused there
+        return False
+    reentrant = _checkpoint.CheckpointFunction.forward.__code__
+    frame: Optional[types.FrameType] = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is reentrant:
+            return True
+        frame = frame.f_back
+    return False
+
+
+#: nn.Module.compile() (torch >= 2.2) keeps the compiled call under this private name; a
+#: patch's copy must run its own forward instead.
+COMPILED_CALL = "_compiled_call_impl"
+#: RNNBase's list of its weight tensors (rebuilt by the patch from its own parameter slots),
+#: the names it reads them by, and (torch >= 2.2) weakrefs it compares them with to notice a
+#: replaced parameter (the copy then rebuilds its own list). Private to torch.nn.RNNBase.
+FLAT_WEIGHTS, FLAT_WEIGHT_NAMES = "_flat_weights", "_flat_weights_names"
+RNN_WEIGHT_LISTS = frozenset({FLAT_WEIGHTS, "_flat_weight_refs"})

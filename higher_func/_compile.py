@@ -9,6 +9,8 @@ import torch
 
 from . import _compat, _reroute
 from ._batching import attention_fastpath_off
+from ._graph import PatchRefused
+from ._tree import diagnosing_compile
 
 # A zero that requires grad, made outside any compiled region. Weights that eager code makes
 # into new leaves (``detach().requires_grad_()``: the copies of copy_initial_weights=True, and
@@ -95,8 +97,27 @@ def compile(fn: Optional[Callable[..., Any]] = None, **compile_kwargs: Any) -> C
         # it off around each vmapped call in eager code (see _batching), which Dynamo does not
         # trace. Attention and padded embeddings are rerouted for the whole call too: compiled
         # code does not run the copies' rerouting forwards (see _reroute.everywhere).
-        with _compat.tracing_autograd(), _compat.tracing_rnns(), attention_fastpath_off():
-            with _reroute.everywhere():
-                return compiled(*args, **kwargs)
+        try:
+            with _compat.tracing_autograd(), _compat.tracing_rnns(), attention_fastpath_off():
+                with _reroute.everywhere():
+                    return compiled(*args, **kwargs)
+        except PatchRefused:
+            raise
+        except Exception as error:
+            _explain(fn, args, kwargs, error)
+            raise
 
     return run
+
+
+def _explain(fn: Callable[..., Any], args: tuple, kwargs: dict, error: Exception) -> None:
+    """Raise ``PatchRefused`` naming the model's attribute when a failed trace was one of a
+    patch's rebuilds (see ``_tree.diagnosing_compile``); return otherwise. Runs ``fn`` eagerly
+    until its first patch is built, and no further."""
+    try:
+        with diagnosing_compile(), torch.no_grad():
+            fn(*args, **kwargs)
+    except PatchRefused as refused:
+        raise refused from error
+    except Exception:  # noqa: BLE001 -- nothing to add: the original error stands
+        return

@@ -105,7 +105,7 @@ class _MonkeyPatchBase:
         randomness: str = "different",
     ) -> None:
         compiling = _is_compiling()
-        tree = _ModuleTree(module, compiling)
+        tree = _ModuleTree(module, compiling, batched=num_tasks is not None)
         state = self.__dict__
         state["_hf_module"] = module
         state["_hf_tree"] = tree
@@ -123,7 +123,9 @@ class _MonkeyPatchBase:
         state["_hf_device"] = device
         state["_fast_params"] = None
         state["_track_higher_grads"] = True
-        if tree.buffers:
+        if tree.private_buffers and device is None:
+            tree.write_buffers(tree.private_buffers)  # copy-on-write, aliasing kept
+        elif tree.buffers:
             buffers = [self._stack(b.detach()) for b in tree.buffers]
             tree.write_buffers(buffers if device is None else [b.to(device) for b in buffers])
 

@@ -142,23 +142,25 @@ class Checkpoint(nn.Module):
     """An identity layer that calls ``self.gate.hook`` if set: a place to pause a forward.
 
     The hook lives in an object the layer shares with every patched copy of it, so a test can
-    set it after patching."""
+    set it after patching: in a function's closure (code, which patches share), not in an
+    attribute (the module's state, of which each patch owns a copy)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.gate = types.SimpleNamespace(hook=None)
+        gate = types.SimpleNamespace(hook=None)
+        self.gate = lambda: gate
 
     @property
     def hook(self):
-        return self.gate.hook
+        return self.gate().hook
 
     @hook.setter
     def hook(self, value):
-        self.gate.hook = value
+        self.gate().hook = value
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate.hook is not None:
-            self.gate.hook()
+        if self.gate().hook is not None:
+            self.gate().hook()
         return x
 
 

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
+import types
+import weakref
 from collections import OrderedDict
 from typing import Any, Callable
 
@@ -688,3 +691,110 @@ def state_tensors(diffopt):
         for v in s.values()
         if torch.is_tensor(v)
     ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Everything reachable from a module (issue 19): attributes, hooks, containers and their keys,
+# closures, partials, plain objects, weakrefs, generators, tensors; by identity and value.
+# ---------------------------------------------------------------------------------------------
+
+_DEEP_ATOMS = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)
+
+
+def _deep_children_and_print(obj: Any) -> tuple:
+    """What ``obj`` references, and what must stay equal about it (ids of its parts, values)."""
+    if isinstance(obj, torch.Tensor):
+        return [], (obj.detach().clone(), obj.requires_grad, obj.shape)
+    if isinstance(obj, torch.Generator):
+        return [], obj.get_state()
+    if isinstance(obj, types.FunctionType):
+        # Code, not the module's state: what its closure holds is the program's (a hook's
+        # list of activations, a counter), and the patch shares it by design.
+        return [], None
+    if isinstance(obj, types.MethodType):
+        return [obj.__self__], (id(obj.__self__), id(obj.__func__))
+    if isinstance(obj, weakref.ref):
+        referent = obj()
+        return ([] if referent is None else [referent]), id(referent)
+    if isinstance(obj, dict):
+        items = list(obj.items())
+        return [x for kv in items for x in kv], tuple((id(k), id(v)) for k, v in items)
+    if hasattr(obj, "__dict__") and not isinstance(obj, (type, types.ModuleType)):
+        state = dict(vars(obj))
+        parts = list(state.values())
+        extra = gc.get_referents(obj)
+        return parts + [e for e in extra if e is not state], {k: id(v) for k, v in state.items()}
+    referents = [r for r in gc.get_referents(obj) if not isinstance(r, (type, types.ModuleType))]
+    return referents, tuple(id(r) for r in referents)
+
+
+def snapshot_deep(module: nn.Module) -> dict:
+    """``id -> (object, print)`` of the module's state: everything reachable from ``module``
+    through containers, objects, bound methods and weakrefs (not inside functions, classes or
+    Python modules); the functions themselves by identity."""
+    seen: dict = {}
+    stack: list = [module]
+    while stack:
+        obj = stack.pop()
+        if isinstance(obj, _DEEP_ATOMS) or isinstance(obj, (type, types.ModuleType)):
+            continue
+        if isinstance(obj, types.CodeType) or id(obj) in seen:
+            continue
+        children, printed = _deep_children_and_print(obj)
+        seen[id(obj)] = (obj, printed)
+        stack.extend(children)
+    return seen
+
+
+def _same_print(now: Any, then: Any) -> bool:
+    if isinstance(then, tuple) and then and isinstance(then[0], torch.Tensor):
+        return (
+            now[1:] == then[1:] and now[0].dtype == then[0].dtype and torch.equal(now[0], then[0])
+        )
+    if isinstance(then, torch.Tensor):
+        return torch.equal(now, then)
+    return now == then
+
+
+def assert_deep_unchanged(module: nn.Module, before: dict) -> None:
+    """Assert nothing reachable from ``module`` was added, replaced, removed or changed."""
+    after = snapshot_deep(module)
+    added = [type(after[k][0]).__name__ for k in after.keys() - before.keys()]
+    assert not added, f"objects newly reachable from the module: {added}"
+    for key, (obj, printed) in before.items():
+        assert key in after, f"a {type(obj).__name__} is no longer reachable from the module"
+        assert _same_print(after[key][1], printed), f"a {type(obj).__name__} changed: {obj!r:.80}"
+
+
+def oracle_check(model: nn.Module, x: torch.Tensor, lr: float = 0.1, steps: int = 2) -> None:
+    """Two inner SGD steps and a second-order meta-gradient through a patched ``model``,
+    against ``torch.func.functional_call`` on ``model`` itself; ``model`` must be unchanged by
+    the patched run (checked before the oracle runs, which may change it)."""
+    import higher_func
+
+    before = snapshot_deep(model)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    outs = []
+    with higher_func.innerloop_ctx(model, opt, copy_initial_weights=False) as (fmodel, diffopt):
+        for _ in range(steps):
+            out = fmodel(x)
+            outs.append(out)
+            diffopt.step(scalar_loss(out))
+        outs.append(fmodel(x))
+        meta = torch.autograd.grad(scalar_loss(outs[-1]), list(model.parameters()))
+    assert_deep_unchanged(model, before)
+
+    names = [n for n, _ in model.named_parameters()]
+    params = dict(model.named_parameters())
+    expected = []
+    for _ in range(steps):
+        out = torch.func.functional_call(model, params, (x,))
+        expected.append(out)
+        grads = torch.autograd.grad(scalar_loss(out), list(params.values()), create_graph=True)
+        params = {n: params[n] - lr * g for n, g in zip(names, grads)}
+    expected.append(torch.func.functional_call(model, params, (x,)))
+    expected_meta = torch.autograd.grad(scalar_loss(expected[-1]), list(model.parameters()))
+    for mine, theirs in zip(outs, expected):
+        assert_trees_close(mine, theirs)
+    for mine, theirs in zip(meta, expected_meta):
+        torch.testing.assert_close(mine, theirs, atol=1e-10, rtol=1e-8)
