@@ -11,7 +11,9 @@ Tested with torch 2.13.0; ``MIN_TORCH`` is the oldest torch ``higher_func.compil
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+import os
+import sys
+from typing import Callable, Tuple
 
 import torch
 
@@ -26,6 +28,9 @@ from torch.utils import _pytree as pytree
 
 __all__ = [
     "BatchNorm",
+    "ConvNd",
+    "VMAP_LIMITS",
+    "user_stacklevel",
     "MIN_TORCH",
     "TRACE_AUTOGRAD_OPS",
     "can_trace_autograd",
@@ -77,3 +82,45 @@ def _find_is_compiling() -> Callable[[], bool]:
 #: Whether the code calling it is being traced by ``torch.compile``: the eager fast paths
 #: (locks, weak dictionaries, Python-float shortcuts) step aside while tracing.
 is_compiling: Callable[[], bool] = _find_is_compiling()
+
+
+# -- batching over tasks (issue 20: higher_func/_batching.py) ------------------------------------
+
+# The common base of Conv1d/2d/3d and the transposed convolutions (the kinds vmap turns into
+# one grouped convolution). No public base class; private since torch 1.0.
+from torch.nn.modules.conv import _ConvNd as ConvNd  # noqa: E402
+
+# Messages of the errors torch.vmap raises where a loop over tasks runs fine: a missing
+# batching rule, an autograd.Function written for plain autograd only, data-dependent Python
+# (``.item()``, ``if tensor:``), outputs of data-dependent shape, an in-place write into a
+# tensor that is not per task. torch raises them as plain RuntimeErrors with no public error
+# type to catch; each has read this way since torch 2.0 (checked in tests/test_compat.py).
+VMAP_LIMITS: Tuple[str, ...] = (
+    "Batching rule not implemented",
+    "autograd.Function with functorch transforms",
+    "vmap: It looks like you're calling .item()",
+    "data-dependent control flow",
+    "vmap: We do not support batching operators that can output dynamic shape",
+    "vmap: inplace arithmetic",
+)
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` at which ``warnings.warn``, called by this function's caller,
+    points at the first frame outside higher_func: the user's line.
+
+    ``warnings.warn(skip_file_prefixes=)`` does this publicly only from Python 3.12; before,
+    walking the frames takes ``sys._getframe`` (CPython, every version).
+
+    Example:
+        >>> user_stacklevel() >= 1
+        True
+    """
+    frame = sys._getframe(1)  # the caller, which calls warnings.warn: stacklevel 1
+    level = 1
+    while frame is not None and os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == _PACKAGE:
+        frame = frame.f_back
+        level += 1
+    return level

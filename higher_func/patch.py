@@ -34,6 +34,7 @@ from __future__ import annotations
 import collections.abc as _abc
 import functools as _functools
 import inspect as _inspect
+import types as _types
 from typing import (
     Any,
     Callable,
@@ -53,6 +54,8 @@ from torch import nn as _nn
 
 from . import _compile
 from ._batching import TaskBatch as _TaskBatch
+from ._batching import check_batching as _check_batching
+from ._task_state import Mixed as _Mixed
 from ._checks import KeyErrorSentence, check_bool, check_task, same_device
 from ._compat import is_compiling as _is_compiling
 from ._tree import ModuleTree as _ModuleTree
@@ -87,7 +90,14 @@ class _MonkeyPatchBase:
         num_tasks: Optional[int] = None,
         device: Optional[_torch.device] = None,
         randomness: str = "different",
+        batching: str = "auto",
     ) -> None:
+        _check_batching(batching)
+        if num_tasks is None and batching != "auto":
+            raise ValueError(
+                f"batching={batching!r} needs num_tasks: only a batched patched module runs "
+                "tasks (pass num_tasks=T)"
+            )
         compiling = _is_compiling()
         tree = _ModuleTree(module, compiling)
         state = self.__dict__
@@ -95,7 +105,11 @@ class _MonkeyPatchBase:
         state["_hf_tree"] = tree
         state["_hf_compiling"] = compiling
         device = None if device is None else _torch.device(device)
-        tasks = None if num_tasks is None else _TaskBatch(num_tasks, module, randomness, device)
+        tasks = (
+            None
+            if num_tasks is None
+            else _TaskBatch(num_tasks, module, randomness, device, batching)
+        )
         state["_hf_tasks"] = tasks
         state["_hf_index"] = tree.param_index
         state["_hf_shapes"] = [self._stack_shape(p.shape) for p in tree.params]
@@ -498,10 +512,17 @@ def _batched_attr(patch: _MonkeyPatchBase, module: _nn.Module, name: str) -> Any
     """Attribute ``name`` of ``module`` (one of a batched patch's copies) as the user sees it:
     methods and properties computed from the weights run once per task, and every submodule
     they hand out is a per-task view."""
+    own = module.__dict__.get(name, _NOT_OWN)
+    if isinstance(own, _Mixed):
+        raise own.error()
+    if isinstance(own, _types.MethodType) and isinstance(own.__self__, _nn.Module):
+        # A method kept as an attribute (self.embed = self._embed): it computes from the
+        # weights like a method of the class, so it runs once per task too.
+        return _per_task_method(patch, own.__func__, lambda: getattr(module, name), name)
     class_attr = getattr(type(module), name, None)
     if isinstance(class_attr, (property, _functools.cached_property)):
         return _views_in(patch, patch._per_task(lambda: getattr(module, name), (), {}))
-    if not _inspect.isfunction(class_attr) or name in module.__dict__:
+    if not _inspect.isfunction(class_attr) or own is not _NOT_OWN:
         return _views_in(patch, getattr(module, name))
     if class_attr.__module__.startswith("torch."):
         # nn.Module's and the containers' own methods (get_submodule, values, items...):
@@ -514,18 +535,27 @@ def _batched_attr(patch: _MonkeyPatchBase, module: _nn.Module, name: str) -> Any
         with_views.__name__ = name
         with_views.__doc__ = class_attr.__doc__
         return with_views
-    if _inspect.isgeneratorfunction(class_attr):
+    return _per_task_method(patch, class_attr, lambda: getattr(module, name), name)
+
+
+_NOT_OWN = object()
+
+
+def _per_task_method(
+    patch: _MonkeyPatchBase, function: Any, bound: Callable[[], Any], name: str
+) -> Callable[..., Any]:
+    """A method of a batched patch's module copy that runs once per task."""
+    if _inspect.isgeneratorfunction(function):
         raise TypeError(
-            f"{type(module).__name__}.{name} is a generator: it would run after the call "
-            "that lends each task its weights; with num_tasks, call a method that returns "
-            "its results instead"
+            f"{name} is a generator: it would run after the call that lends each task its "
+            "weights; with num_tasks, call a method that returns its results instead"
         )
 
     def per_task(*args: Any, **kwargs: Any) -> Any:
-        return _views_in(patch, patch._per_task(getattr(module, name), args, kwargs))
+        return _views_in(patch, patch._per_task(bound(), args, kwargs))
 
     per_task.__name__ = name
-    per_task.__doc__ = class_attr.__doc__
+    per_task.__doc__ = function.__doc__
     return per_task
 
 
@@ -647,6 +677,7 @@ def make_functional(
     num_tasks: Optional[int] = None,
     device: Optional[_torch.device] = None,
     randomness: str = "different",
+    batching: str = "auto",
 ) -> _MonkeyPatchBase:
     """A patched module without fast weights: every call must pass ``params=``.
 
@@ -654,7 +685,7 @@ def make_functional(
         module: the module to wrap; it is never modified.
         encapsulator: optional ``f(fmodule, module)`` run once on the new patched module, e.g.
             to give it initial fast weights with ``fmodule.update_params``.
-        num_tasks, randomness: see ``monkeypatch``.
+        num_tasks, randomness, batching: see ``monkeypatch``.
         device: the device fast weights must be on (default: the module's).
 
     Returns:
@@ -669,7 +700,7 @@ def make_functional(
         )
     if not isinstance(module, _nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(module).__name__}")
-    fmodule = _MonkeyPatchBase(module, num_tasks, device, randomness)
+    fmodule = _MonkeyPatchBase(module, num_tasks, device, randomness, batching)
     if encapsulator is not None:
         encapsulator(fmodule, module)
     if fmodule._fast_params is None:
@@ -708,6 +739,7 @@ def monkeypatch(
     track_higher_grads: bool = True,
     num_tasks: Optional[int] = None,
     randomness: str = "different",
+    batching: str = "auto",
 ) -> _MonkeyPatchBase:
     """Wrap ``module`` so that it runs on fast weights that optimizers can update differentiably.
 
@@ -737,13 +769,20 @@ def monkeypatch(
         randomness: with ``num_tasks``, how random ops (dropout) draw across tasks, with
             ``torch.vmap``'s meanings: ``"different"`` (the default: each task its own mask,
             as a loop over tasks does), ``"same"`` or ``"error"``.
+        batching: with ``num_tasks``, how the tasks run: ``"auto"`` (the default: one
+            ``torch.vmap`` call where vmap can run the module and is faster, else a loop, as
+            described above), ``"vmap"`` (always vmap; what vmap cannot run raises instead of
+            falling back) or ``"loop"`` (a Python loop over tasks). Every mode gives each task
+            what a separate patch of it would hold (see docs/batching.md).
 
     Returns:
         The patched module (a ``_MonkeyPatchBase``); call it like ``module``, optionally with
         ``params=``.
 
     Raises:
-        ValueError: ``module`` is already patched, or ``num_tasks`` is not a positive int.
+        ValueError: ``module`` is already patched, ``num_tasks`` is not a positive int, or
+            ``batching`` is not one of ``"auto"``, ``"vmap"``, ``"loop"`` (or is given without
+            ``num_tasks``).
         TypeError: ``track_higher_grads`` is not a bool.
 
     Example (batched):
@@ -768,7 +807,12 @@ def monkeypatch(
         fmodule._record(params)  # made from the module's own parameters: nothing to check
 
     fmodule = make_functional(
-        module, encapsulator=encapsulator, num_tasks=num_tasks, device=device, randomness=randomness
+        module,
+        encapsulator=encapsulator,
+        num_tasks=num_tasks,
+        device=device,
+        randomness=randomness,
+        batching=batching,
     )
     fmodule.track_higher_grads = track_higher_grads
     return fmodule
