@@ -358,15 +358,14 @@ def _edited(entry: _Entry) -> bool:
     return entry.seen is not None and _leaves_of(entry.placed) != entry.seen
 
 
-@functools.lru_cache(maxsize=None)
-def _bookkeeping() -> frozenset:
-    return frozenset(nn.Module().__dict__) - {"training"}
+# nn.Module's own entries in a module's __dict__ (not ``training``, which a forward may set).
+_BOOKKEEPING = frozenset(nn.Module().__dict__) - {"training"}
 
 
 def _never(holder: Dict[str, Any]) -> List[str]:
     """Keys of a module's ``__dict__`` that are nn.Module's bookkeeping (identity-stable
     containers the patch manages), and RNNs' weight list (written by the patch per call)."""
-    return [k for k in holder if k in _bookkeeping() or k == "_flat_weights"]
+    return [k for k in holder if k in _BOOKKEEPING or k == "_flat_weights"]
 
 
 

@@ -210,7 +210,8 @@ class _MonkeyPatchBase:
     def _wrap(self, value: Any) -> Any:
         """A submodule as the user sees it: the copy itself, or a per-task proxy when batched."""
         if self._hf_tasks is not None and isinstance(value, _nn.Module):
-            return _BatchedView(value, self)
+            view = _PerTaskView if self._hf_compiling else _BatchedView
+            return view(value, self)
         return value
 
     def named_children(self) -> Iterator[Tuple[str, Any]]:
@@ -573,21 +574,17 @@ def _views_in(patch: _MonkeyPatchBase, value: Any) -> Any:
     return value
 
 
-class _BatchedView:
+class _PerTaskView:
     """A submodule of a batched patched module: calls and methods run once per task on that
     task's weights; attributes read the stacked ``[num_tasks, ...]`` tensors.
 
-    ``isinstance(view, ModuleClass)`` holds (it reports its module's class), so loops such as
-    ``for m in fmodel.modules(): if isinstance(m, nn.Dropout): m.eval()`` work batched too.
+    This form is the one built inside a compiled meta-step (Dynamo cannot build an object
+    whose ``__class__`` is a property); eager code gets ``_BatchedView``.
     """
 
     def __init__(self, module: _nn.Module, patch: _MonkeyPatchBase) -> None:
         object.__setattr__(self, "_hf_module", module)
         object.__setattr__(self, "_hf_patch", patch)
-
-    @property  # type: ignore[misc]
-    def __class__(self) -> type:
-        return type(self._hf_module)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self._hf_patch._per_task(self._hf_module, args, kwargs)
@@ -596,7 +593,9 @@ class _BatchedView:
         return self._hf_patch._per_task(self._hf_module.forward, args, kwargs)
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("__"):
+        # (_hf_ names are read before __init__ set them while Dynamo builds a view: without
+        # this, each read would recurse into __getattr__.)
+        if name.startswith(("__", "_hf_")):
             raise AttributeError(name)
         _refuse(name, self._hf_module)
         return _batched_attr(self._hf_patch, self._hf_module, name)
@@ -629,16 +628,27 @@ class _BatchedView:
     def modules(self) -> Iterator[Any]:
         return (m for _, m in self.named_modules())
 
-    def train(self, mode: bool = True) -> "_BatchedView":
+    def train(self, mode: bool = True) -> "_PerTaskView":
         self._hf_module.train(mode)
         return self
 
-    def eval(self) -> "_BatchedView":
+    def eval(self) -> "_PerTaskView":
         self._hf_module.eval()
         return self
 
     def __repr__(self) -> str:
         return f"PerTask({self._hf_module!r})"
+
+
+class _BatchedView(_PerTaskView):
+    """A per-task view (``_PerTaskView``) for which ``isinstance(view, ModuleClass)`` holds
+    (it reports its module's class), so loops such as
+    ``for m in fmodel.modules(): if isinstance(m, nn.Dropout): m.eval()`` work batched too.
+    """
+
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:
+        return type(self._hf_module)
 
 
 class Batching(NamedTuple):
