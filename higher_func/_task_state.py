@@ -178,16 +178,11 @@ class TaskState:
         self.size = size
         self._names: Dict[int, str] = {}
         self.holders: List[Dict[str, Any]] = []
-        self._user_code: Dict[int, bool] = {}
         for name, module in modules:
             for holder in (module.__dict__, module._buffers):
                 if id(holder) not in self._names:
                     self._names[id(holder)] = name
                     self.holders.append(holder)
-                    # torch's own modules keep no per-call Python state in their containers
-                    # (RNNs' weight-name lists are configuration): only user classes' are
-                    # tracked before a call changes them.
-                    self._user_code[id(holder)] = not type(module).__module__.startswith("torch.")
         self._skip = set(skip) | {(id(h), k) for h in self.holders for k in _never(h)}
         self.entries: Dict[_Key, _Entry] = {}
         self.sync()
@@ -208,7 +203,7 @@ class TaskState:
                     continue
                 entry = self.entries.get(k)
                 if entry is None:
-                    if self._user_code[hid] and _is_state(value):
+                    if _is_state(value):
                         self.entries[k] = _Entry(holder, key, "shared", value)
                 elif value is not entry.placed or _edited(entry):
                     self.entries[k] = _Entry(holder, key, "shared", value)
