@@ -178,12 +178,15 @@ class TaskState:
         self.size = size
         self._names: Dict[int, str] = {}
         self.holders: List[Dict[str, Any]] = []
-        for name, module in modules:
+        modules_list = list(modules)
+        for name, module in modules_list:
             for holder in (module.__dict__, module._buffers):
                 if id(holder) not in self._names:
                     self._names[id(holder)] = name
                     self.holders.append(holder)
-        self._skip = set(skip) | {(id(h), k) for h in self.holders for k in _never(h)}
+        self._skip = set(skip)
+        for name, module in modules_list:
+            self._skip |= {(id(module.__dict__), k) for k in _never(module)}
         self.entries: Dict[_Key, _Entry] = {}
         self.sync()
 
@@ -357,11 +360,17 @@ def _edited(entry: _Entry) -> bool:
 _BOOKKEEPING = frozenset(nn.Module().__dict__) - {"training"}
 
 
-def _never(holder: Dict[str, Any]) -> List[str]:
-    """Keys of a module's ``__dict__`` that are nn.Module's bookkeeping (identity-stable
-    containers the patch manages), and RNNs' weight list (written by the patch per call)."""
-    return [k for k in holder if k in _BOOKKEEPING or k == "_flat_weights"]
-
+def _never(module: nn.Module) -> List[str]:
+    """Keys of a module's ``__dict__`` never kept per task: nn.Module's bookkeeping
+    (containers the patch manages, whose identity never changes), and the underscore
+    attributes of torch's own module classes (their configuration and caches, e.g. an RNN's
+    weight names and weak references, which the patch rewrites itself)."""
+    torch_class = type(module).__module__.startswith("torch.")
+    return [
+        k
+        for k in module.__dict__
+        if k in _BOOKKEEPING or k == "_flat_weights" or (torch_class and k.startswith("_"))
+    ]
 
 
 class Captured:
