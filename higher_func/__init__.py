@@ -19,6 +19,7 @@ import torch as _torch
 
 from . import optim, patch, utils
 from ._batching import BatchingFallbackWarning
+from ._task_state import PerTaskError
 from ._compile import compile
 from .optim import create_diff_optim, get_diff_optim, register_optim
 from .patch import monkeypatch
@@ -30,6 +31,7 @@ __all__ = [
     "innerloop_ctx",
     "compile",
     "BatchingFallbackWarning",
+    "PerTaskError",
     "monkeypatch",
     "get_diff_optim",
     "create_diff_optim",

@@ -565,10 +565,18 @@ def _views_in(patch: _MonkeyPatchBase, value: Any) -> Any:
     iterator) replaced by its per-task view."""
     if isinstance(value, _nn.Module):
         return patch._wrap(value)
+    # A container without modules in it is returned itself: the user may change it in
+    # place (fmodel.acts.clear()), which every task then sees at its next call.
     if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
-        return type(value)(_views_in(patch, v) for v in value)
+        items = [_views_in(patch, v) for v in value]
+        if all(a is b for a, b in zip(items, value)):
+            return value
+        return type(value)(items)
     if isinstance(value, dict):
-        return type(value)((k, _views_in(patch, v)) for k, v in value.items())
+        pairs = [(k, _views_in(patch, v)) for k, v in value.items()]
+        if all(v is value[k] for k, v in pairs):
+            return value
+        return type(value)(pairs)
     if isinstance(value, (_abc.ItemsView, _abc.ValuesView, _abc.Iterator)):
         return [_views_in(patch, v) for v in value]
     return value

@@ -239,3 +239,305 @@ def test_item_under_forced_vmap_is_torchs_error() -> None:
     plan = Plan((Attr("s0", "item", "forward", False),), 1, -1, 2)
     with pytest.raises(RuntimeError, match=r"\.item\(\)"):
         check_plan(plan, "vmap")
+
+
+# ---------------------------------------------------------------------------------------------
+# Each case of the contract, by hand.
+# ---------------------------------------------------------------------------------------------
+
+MODES = pytest.mark.parametrize("mode", ["vmap", "loop"])
+T = 3
+
+
+def _per_task_params(fmodel: Any, seed: int = 1) -> None:
+    """Give each task its own weights (else every task would compute the same)."""
+    generator = torch.Generator().manual_seed(seed)
+    fmodel.update_params(
+        [p + torch.randn(p.shape, generator=generator, dtype=p.dtype) for p in fmodel.parameters()]
+    )
+
+
+def _single(model: nn.Module, fmodel: Any, t: int) -> Any:
+    """A separate unbatched patch of ``model`` holding task ``t``'s weights."""
+    single = higher_func.monkeypatch(model)
+    single.update_params([p[t] for p in fmodel.parameters()])
+    return single
+
+
+class Recurrent(nn.Module):
+    """Keeps ``(h, c)`` between calls, counts its calls, records activations with a hook."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.state: Any = None
+        self.total = torch.zeros(4)
+        self.acts: List[torch.Tensor] = []
+        self.fc.register_forward_hook(self._record)
+
+    def _record(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+        self.acts.append(output)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x) if self.state is None else self.fc(x) + self.state[1]
+        self.state = (h, torch.tanh(h))
+        self.total += h.sum(0)  # a plain tensor attribute updated in place
+        return h
+
+    def reset_state(self) -> None:
+        self.state = None
+
+
+@MODES
+def test_tuple_state_in_place_tensors_and_hook_records_are_per_task(mode: str) -> None:
+    model = Recurrent().double()
+    fmodel = higher_func.monkeypatch(model, num_tasks=T, batching=mode)
+    _per_task_params(fmodel)
+    xs = torch.randn(T, 2, 4, dtype=DTYPE)
+    fmodel(xs)
+    out = fmodel(xs)
+    assert isinstance(fmodel.state, tuple) and fmodel.state[0].shape == (T, 2, 4)
+    assert len(fmodel.acts) == 2 and fmodel.acts[1].shape == (T, 2, 4)
+    for t in range(T):
+        single = _single(model, fmodel, t)
+        single(xs[t])
+        torch.testing.assert_close(out[t], single(xs[t]))
+        torch.testing.assert_close(fmodel.state[1][t], single.state[1])
+        torch.testing.assert_close(fmodel.total[t], single.total)
+        torch.testing.assert_close(fmodel.acts[1][t], single.acts[1])
+    assert model.state is None and model.acts == [] and not model.total.any()  # untouched
+
+
+@MODES
+def test_state_reset_from_outside_applies_to_every_task(mode: str) -> None:
+    model = Recurrent().double()
+    fmodel = higher_func.monkeypatch(model, num_tasks=T, batching=mode)
+    _per_task_params(fmodel)
+    xs = torch.randn(T, 2, 4, dtype=DTYPE)
+    first = fmodel(xs)
+    fmodel(xs)
+    fmodel.reset_state()  # a method: runs once per task
+    assert fmodel.state is None
+    torch.testing.assert_close(fmodel(xs), first)
+    fmodel.state = None  # an assignment: one value for every task
+    torch.testing.assert_close(fmodel(xs), first)
+    fmodel.acts.clear()  # an in-place change of what a call left
+    fmodel(xs)
+    assert len(fmodel.acts) == 1
+
+
+class Scores(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor) -> Any:
+        y = self.fc(x)
+        score = y.sum().item()
+        if score > 0:
+            self.pos = y
+        else:
+            self.neg = y
+        self.last = score
+        return y, score
+
+
+def test_numbers_are_per_task_and_attributes_are_keyed_by_name() -> None:
+    model = Scores().double()
+    fmodel = higher_func.monkeypatch(model, num_tasks=2, batching="loop")
+    fmodel.update_params([torch.stack([p, -p]) for p in model.parameters()])
+    xs = torch.ones(2, 3, 4, dtype=DTYPE)
+    y, score = fmodel(xs)
+    expected = [_single(model, fmodel, t)(xs[t])[1] for t in range(2)]
+    assert score.dtype == torch.float64 and score.tolist() == pytest.approx(expected)
+    assert fmodel.last.tolist() == pytest.approx(expected)
+    # One task set pos, the other neg: neither can be shown as one value, each task has its own.
+    positive = 0 if expected[0] > 0 else 1
+    with pytest.raises(higher_func.PerTaskError, match=rf"'pos'.*set only in tasks \[{positive}\]"):
+        fmodel.pos
+    with pytest.raises(higher_func.PerTaskError, match="'neg'"):
+        fmodel.neg
+
+
+def test_item_in_a_forward_falls_back_to_the_loop_under_auto() -> None:
+    model = Scores().double()
+    with pytest.warns(higher_func.BatchingFallbackWarning, match=r"\.item\(\)"):
+        fmodel = higher_func.monkeypatch(model, num_tasks=2)
+        fmodel(torch.ones(2, 3, 4, dtype=DTYPE))
+    assert higher_func.patch.batching(fmodel).mode == "loop"
+
+
+def test_hook_writing_into_a_captured_dict_is_an_error_naming_it() -> None:
+    activations: dict = {}
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU()).double()
+
+    def remember(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+        activations["fc"] = output
+
+    model[0].register_forward_hook(remember)
+    for mode in ("vmap", "loop"):
+        fmodel = higher_func.monkeypatch(model, num_tasks=T, batching=mode)
+        with pytest.raises(higher_func.PerTaskError, match=r"variable 'activations'.*remember"):
+            fmodel(torch.randn(T, 2, 4, dtype=DTYPE))
+        assert activations == {}  # put back: no tensor escaped from vmap
+
+
+class Aliased(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Linear(4, 3)
+        self.embed = self._embed  # a method kept as an attribute
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.emb(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embed(x)
+
+
+@MODES
+def test_a_method_alias_runs_once_per_task(mode: str) -> None:
+    model = Aliased().double()
+    fmodel = higher_func.monkeypatch(model, num_tasks=T, batching=mode)
+    _per_task_params(fmodel)
+    xs = torch.randn(T, 2, 4, dtype=DTYPE)
+    out = fmodel.embed(xs)
+    assert out.shape == (T, 2, 3)
+    for t in range(T):
+        torch.testing.assert_close(out[t], _single(model, fmodel, t).embed(xs[t]))
+
+
+class TiedBuffer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+        shared = torch.zeros(4)
+        self.a.register_buffer("ema", shared)
+        self.b.register_buffer("ema", shared)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.b(self.a(x))
+        self.b.ema = self.b.ema + y.mean(0)  # reassigned in one of its two modules
+        return y + self.a.ema + self.b.ema
+
+
+@MODES
+def test_a_buffer_of_two_modules_reassigned_in_one(mode: str) -> None:
+    model = TiedBuffer().double()
+    fmodel = higher_func.monkeypatch(model, num_tasks=T, batching=mode)
+    _per_task_params(fmodel)
+    xs = torch.randn(T, 2, 4, dtype=DTYPE)
+    fmodel(xs)
+    out = fmodel(xs)
+    for t in range(T):
+        single = _single(model, fmodel, t)
+        single(xs[t])
+        torch.testing.assert_close(out[t], single(xs[t]))
+        torch.testing.assert_close(fmodel.b.ema[t], single.b.ema)
+        torch.testing.assert_close(fmodel.a.ema[t], single.a.ema)
+
+
+@MODES
+def test_batchnorm_in_eval_then_train_has_the_meta_gradients_of_functional_call(mode: str) -> None:
+    # Each call gets its own running statistics: the training call's in-place update must not
+    # change what the eval call saved for backward. The oracle is functional_call with a new
+    # copy of the buffers per call.
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 1)).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    xs = torch.randn(T, 5, 4, dtype=DTYPE)
+    kwargs = dict(copy_initial_weights=False, num_tasks=T, batching=mode)
+    with higher_func.innerloop_ctx(model, opt, **kwargs) as (fmodel, diffopt):
+        for training in (False, True):
+            fmodel.train(training)
+            diffopt.step(fmodel(xs).pow(2).mean(dim=(1, 2)))
+        fmodel(xs).pow(2).mean().backward()
+    batched = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    for t in range(T):
+        params = dict(model.named_parameters())
+        buffers = {n: b.clone() for n, b in model.named_buffers()}
+
+        def loss_of(training: bool) -> torch.Tensor:
+            nonlocal buffers
+            model.train(training)
+            buffers = {n: b.clone() for n, b in buffers.items()}
+            out = torch.func.functional_call(model, {**params, **buffers}, (xs[t],))
+            return out.pow(2).mean()
+
+        for training in (False, True):
+            grads = torch.autograd.grad(loss_of(training), list(params.values()), create_graph=True)
+            params = {n: p - 0.1 * g for (n, p), g in zip(params.items(), grads)}
+        (loss_of(True) / T).backward()
+    model.train()
+    for p, g in zip(model.parameters(), batched):
+        torch.testing.assert_close(g, p.grad)
+
+
+def test_none_input_on_the_vmap_path() -> None:
+    class Masked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor, mask: Any = None) -> torch.Tensor:
+            return self.fc(x) if mask is None else self.fc(x) * mask
+
+    model = Masked().double()
+    fmodel = higher_func.monkeypatch(model, num_tasks=T, batching="vmap")
+    xs = torch.randn(T, 2, 4, dtype=DTYPE)
+    torch.testing.assert_close(fmodel(xs, None), fmodel(xs))
+
+
+@pytest.mark.parametrize(
+    ("lr_shape", "per_task"), [((4, 3), False), ((4,), True), ((4, 4, 3), True), ((), False)]
+)
+def test_optimizer_state_dict_of_a_task_knows_shared_values_from_the_step(lr_shape, per_task):
+    # T = 4 = the weight's first dim: a shared (4, 3) lr must not be read as one row per task.
+    model = nn.Linear(3, 4, bias=False).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    lr = torch.rand(lr_shape, dtype=DTYPE)
+    with higher_func.innerloop_ctx(model, opt, num_tasks=4, override={"lr": [lr]}) as (f, d):
+        d.step(f(torch.randn(4, 2, 3, dtype=DTYPE)).pow(2).mean(dim=(1, 2)))
+        exported = d.state_dict(task=1)["param_groups"][0]["lr"]
+    expected = lr[1] if per_task else lr
+    torch.testing.assert_close(torch.as_tensor(exported, dtype=DTYPE), expected)
+
+
+def test_two_threads_leave_the_attention_fast_path_as_it_was() -> None:
+    import threading
+
+    model = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+    errors: list = []
+
+    def work() -> None:
+        try:
+            fmodel = higher_func.monkeypatch(model, num_tasks=2)
+            for _ in range(5):
+                fmodel(torch.randn(2, 3, 4, 8))
+        except Exception as error:  # surfaced below
+            errors.append(error)
+
+    assert torch.backends.mha.get_fastpath_enabled()
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    with pytest.warns(UserWarning, match="performance drop"):  # SDPA's generic vmap rule
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert not errors
+    assert torch.backends.mha.get_fastpath_enabled()
+
+
+def test_batching_values_are_checked() -> None:
+    model = nn.Linear(2, 1)
+    with pytest.raises(ValueError, match=r"batching must be one of \('auto', 'vmap', 'loop'\)"):
+        higher_func.monkeypatch(model, num_tasks=2, batching="fast")
+    with pytest.raises(ValueError, match="needs num_tasks"):
+        higher_func.monkeypatch(model, batching="loop")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="batching must be one of"):
+        with higher_func.innerloop_ctx(model, opt, num_tasks=2, batching=None):
+            pass
+    looped = higher_func.monkeypatch(model, num_tasks=2, batching="loop")
+    assert higher_func.patch.batching(looped).mode == "loop"  # and no warning
