@@ -23,12 +23,13 @@ or shared is decided by where it came from, never by its shape.
 from __future__ import annotations
 
 import functools
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+import operator
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from ._compat import pytree
+from ._compat import is_compiling, pytree
 
 ABSENT: Any = type("Absent", (), {"__repr__": lambda self: "<absent>"})()
 _TENSOR: Any = object()  # where a tensor leaf goes in a layout
@@ -180,7 +181,11 @@ class TaskState:
         self.holders: List[Dict[str, Any]] = []
         modules_list = list(modules)
         for name, module in modules_list:
-            for holder in (module.__dict__, module._buffers):
+            # A module's buffer dict only where a buffer is registered as None (a forward may
+            # fill it in); its other keys are the patch's own slots.
+            buffers = module._buffers
+            own = [buffers] if any(b is None for b in buffers.values()) else []
+            for holder in (module.__dict__, *own):
                 if id(holder) not in self._names:
                     self._names[id(holder)] = name
                     self.holders.append(holder)
@@ -188,6 +193,8 @@ class TaskState:
         for name, module in modules_list:
             self._skip |= {(id(module.__dict__), k) for k in _never(module)}
         self.entries: Dict[_Key, _Entry] = {}
+        self._placed: Optional[List[Tuple[Dict[str, Any], Any]]] = None
+        self._watched: List[Any] = [(-1, (), _getter(()))] * len(self.holders)
         self.sync()
 
     # -- between calls -------------------------------------------------------------------------
@@ -198,7 +205,10 @@ class TaskState:
     def sync(self) -> None:
         """Take in what changed on the copies since the last call: values assigned from
         outside (shared by every task from now on) and new container or tensor attributes."""
-        for holder in self.holders:
+        placed = self._placed
+        for i, holder in enumerate(self.holders):
+            if placed is not None and self._same(i, placed[i]):
+                continue  # (the usual case: nothing was assigned since the last call)
             hid = id(holder)
             for key, value in holder.items():
                 k = (hid, key)
@@ -208,28 +218,68 @@ class TaskState:
                 if entry is None:
                     if _is_state(value):
                         self.entries[k] = _Entry(holder, key, "shared", value)
-                elif value is not entry.placed or _edited(entry):
+                elif value is not entry.placed:
                     self.entries[k] = _Entry(holder, key, "shared", value)
         for k, entry in list(self.entries.items()):
             if entry.placed is not ABSENT and entry.key not in entry.holder:  # deleted outside
                 entry.kind, entry.value, entry.placed = "shared", ABSENT, ABSENT
+            elif entry.seen is not None and _edited(entry):  # fmodel.acts.clear()
+                self.entries[k] = _Entry(entry.holder, entry.key, "shared", entry.placed)
 
-    def restore(self, before: List[Dict[str, Any]]) -> None:
+    def restore(self, before: List[Tuple[Dict[str, Any], Any]]) -> None:
         """Put the copies' attributes back as ``before`` lists them (after a task's call)."""
-        for holder, old in zip(self.holders, before):
-            if len(holder) != len(old) or any(holder.get(k, ABSENT) is not v for k, v in old.items()):
+        for i, (holder, snap) in enumerate(zip(self.holders, before)):
+            if not self._same(i, snap):
+                old = snap[0]
                 for key in [k for k in holder if k not in old]:
                     del holder[key]
                 holder.update(old)
 
-    def snapshot(self) -> List[Dict[str, Any]]:
-        return [dict(h) for h in self.holders]
+    def snapshot(self) -> List[Tuple[Dict[str, Any], Any]]:
+        """The copies' attributes now: a copy of each dict, and a cheap fingerprint of it
+        (see ``_same``)."""
+        if is_compiling():  # (Dynamo traces id() of some objects only)
+            return [(dict(h), None) for h in self.holders]
+        return [(dict(h), self._fingerprint(i)) for i, h in enumerate(self.holders)]
 
-    def changed(self, before: List[Dict[str, Any]]) -> List[_Key]:
+    def _fingerprint(self, i: int) -> Tuple[int, Any, List[int]]:
+        holder = self.holders[i]
+        watched = self._watched[i]
+        try:
+            values = watched[2](holder) if watched[0] == len(holder) else None
+        except KeyError:
+            values = None
+        if values is None:  # keys were added or deleted: watch them anew
+            keys = tuple(k for k in holder if (id(holder), k) not in self._skip)
+            watched = self._watched[i] = (len(holder), keys, _getter(keys))
+            values = watched[2](holder)
+        last = next(reversed(holder)) if holder else None
+        return len(holder), last, list(map(id, values))
+
+    def _same(self, i: int, snap: Tuple[Dict[str, Any], Any]) -> bool:
+        """Whether holder ``i`` holds what ``snap`` recorded: the same number of keys, the
+        same last key (a key deleted and another added changes it) and the same objects
+        under the keys the patch does not manage (nn.Module's bookkeeping containers never
+        change identity). About a microsecond per module: this runs a few times per call."""
+        mark = snap[1]
+        if mark is None:
+            return False
+        holder = self.holders[i]
+        if len(holder) != mark[0] or (holder and next(reversed(holder)) != mark[1]):
+            return False
+        watched = self._watched[i]
+        try:
+            return watched[0] == mark[0] and list(map(id, watched[2](holder))) == mark[2]
+        except KeyError:  # a watched key was deleted (and another added)
+            return False
+
+    def changed(self, before: List[Tuple[Dict[str, Any], Any]]) -> List[_Key]:
         """Keys a call added, reassigned or deleted, other than the patch's own slots."""
         out = []
-        for holder, old in zip(self.holders, before):
-            hid = id(holder)
+        for i, (holder, snap) in enumerate(zip(self.holders, before)):
+            if self._same(i, snap):
+                continue
+            old, hid = snap[0], id(holder)
             for key, value in holder.items():
                 if old.get(key, ABSENT) is not value and (hid, key) not in self._skip:
                     out.append((hid, key))
@@ -256,6 +306,7 @@ class TaskState:
             else:
                 entry.holder[entry.key] = view
             entry.seen = _leaves_of(view)
+        self._placed = self.snapshot()
 
     # -- a task's call (the loop) ----------------------------------------------------------------
     def lend(self, t: int) -> None:
@@ -275,7 +326,7 @@ class TaskState:
             entry = self.entries.get(k)
             if entry is None:
                 holder = self.holder_of(k)
-                old = before[self.holders.index(holder)].get(k[1], ABSENT)
+                old = before[self.holders.index(holder)][0].get(k[1], ABSENT)
                 values = [task.get(k, old) for task in per_task]
                 entry = self.entries[k] = _Entry(holder, k[1], "tasks", values)
             else:
@@ -329,6 +380,16 @@ def split(value: Any) -> Tuple[Tuple[Any, List[Any]], List[torch.Tensor]]:
     leaves, spec = pytree.tree_flatten(value)
     consts = [_TENSOR if isinstance(x, torch.Tensor) else x for x in leaves]
     return (spec, consts), [x for x in leaves if isinstance(x, torch.Tensor)]
+
+
+def _getter(keys: Tuple[str, ...]) -> Callable[[Dict[str, Any]], Tuple[Any, ...]]:
+    """A function giving a dict's values under ``keys``, as a tuple (in C, fast)."""
+    if len(keys) == 0:
+        return lambda holder: ()
+    if len(keys) == 1:
+        key = keys[0]
+        return lambda holder: (holder[key],)
+    return operator.itemgetter(*keys)
 
 
 def _view_of_tasks(values: List[Any], name: str) -> Any:
