@@ -19,8 +19,8 @@ import torch as _torch
 
 from . import optim, patch, utils
 from ._batching import BatchingFallbackWarning
-from ._task_state import PerTaskError
 from ._compile import compile
+from ._task_state import PerTaskError
 from .optim import create_diff_optim, get_diff_optim, register_optim
 from .patch import monkeypatch
 

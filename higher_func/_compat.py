@@ -13,7 +13,8 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from typing import Callable, Tuple
+import types
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -118,9 +119,11 @@ def user_stacklevel() -> int:
         >>> user_stacklevel() >= 1
         True
     """
-    frame = sys._getframe(1)  # the caller, which calls warnings.warn: stacklevel 1
+    frame: Optional[types.FrameType] = sys._getframe(1)  # the caller of warnings.warn: level 1
     level = 1
-    while frame is not None and os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == _PACKAGE:
+    while (
+        frame is not None and os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == _PACKAGE
+    ):
         frame = frame.f_back
         level += 1
     return level

@@ -78,14 +78,14 @@ def stack_values(values: Sequence[Any], name: str) -> Any:
     structures differ."""
     flat = [pytree.tree_flatten(v) for v in values]
     leaves0, spec = flat[0]
-    for t, (leaves, other) in enumerate(flat[1:], 1):
+    for t, (_, other) in enumerate(flat[1:], 1):
         if other != spec:
             raise PerTaskError(
                 f"{name} has a different structure in task 0 ({_describe(values[0])}) and task "
                 f"{t} ({_describe(values[t])}): per-task values cannot be stacked into one"
             )
     out = []
-    for i, first in enumerate(leaves0):
+    for i in range(len(leaves0)):
         column = [leaves[i] for leaves, _ in flat]
         out.append(_stack_column(column, f"{name} (leaf {i})"))
     return pytree.tree_unflatten(out, spec)
@@ -190,7 +190,7 @@ class TaskState:
                     self._names[id(holder)] = name
                     self.holders.append(holder)
         self._skip = set(skip)
-        for name, module in modules_list:
+        for _, module in modules_list:
             self._skip |= {(id(module.__dict__), k) for k in _never(module)}
         self.entries: Dict[_Key, _Entry] = {}
         self._placed: Optional[List[Tuple[Dict[str, Any], Any]]] = None
@@ -317,7 +317,9 @@ class TaskState:
             else:
                 entry.holder[entry.key] = value
 
-    def collect_tasks(self, per_task: List[Dict[_Key, Any]], before: List[Dict[str, Any]]) -> None:
+    def collect_tasks(
+        self, per_task: List[Dict[_Key, Any]], before: List[Tuple[Dict[str, Any], Any]]
+    ) -> None:
         """Make the entries hold what each task left (``per_task[t]``: key -> value for the
         keys tracked or changed in task t); a key one task changed and another did not keeps,
         for the other, what it held before the call."""
@@ -344,11 +346,13 @@ class TaskState:
         return {k: self.holder_of(k).get(k[1], ABSENT) for k in keys}
 
     # -- one vmapped call ------------------------------------------------------------------------
-    def for_vmap(self) -> Tuple[List[_Key], List[Any], List[List[Optional[torch.Tensor]]]]:
+    def for_vmap(self) -> Tuple[List[_Key], List[Any], List[List[torch.Tensor]]]:
         """Each entry as vmap takes it: its pytree spec with non-tensor leaves, and its tensor
         leaves stacked ``[T, ...]``. Raises ``PerTaskError`` for per-task values that differ
         in structure (vmap runs one trace for all tasks)."""
-        keys, specs, tensors = [], [], []
+        keys: List[_Key] = []
+        specs: List[Any] = []
+        tensors: List[List[torch.Tensor]] = []
         for k, entry in self.entries.items():
             if entry.kind == "stacked":
                 value = entry.value

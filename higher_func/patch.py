@@ -55,9 +55,9 @@ from torch import nn as _nn
 from . import _compile
 from ._batching import TaskBatch as _TaskBatch
 from ._batching import check_batching as _check_batching
-from ._task_state import Mixed as _Mixed
 from ._checks import KeyErrorSentence, check_bool, check_task, same_device
 from ._compat import is_compiling as _is_compiling
+from ._task_state import Mixed as _Mixed
 from ._tree import ModuleTree as _ModuleTree
 
 _Params = Union[Sequence[_torch.Tensor], Mapping[str, _torch.Tensor]]

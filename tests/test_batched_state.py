@@ -125,7 +125,9 @@ class Stateful(nn.Module):
 def stateful_specs(draw: Any) -> Tuple[Attr, ...]:
     count = draw(st.integers(1, 3))
     return tuple(
-        Attr(f"s{i}", draw(st.sampled_from(KINDS)), draw(st.sampled_from(WHERE)), draw(st.booleans()))
+        Attr(
+            f"s{i}", draw(st.sampled_from(KINDS)), draw(st.sampled_from(WHERE)), draw(st.booleans())
+        )
         for i in range(count)
     )
 
@@ -140,7 +142,10 @@ class Plan(NamedTuple):
 @st.composite
 def plans(draw: Any) -> Plan:
     return Plan(
-        draw(stateful_specs()), draw(st.integers(1, 3)), draw(st.integers(-1, 2)), draw(st.integers(2, 3))
+        draw(stateful_specs()),
+        draw(st.integers(1, 3)),
+        draw(st.integers(-1, 2)),
+        draw(st.integers(2, 3)),
     )
 
 
@@ -354,9 +359,9 @@ def test_numbers_are_per_task_and_attributes_are_keyed_by_name() -> None:
     # One task set pos, the other neg: neither can be shown as one value, each task has its own.
     positive = 0 if expected[0] > 0 else 1
     with pytest.raises(higher_func.PerTaskError, match=rf"'pos'.*set only in tasks \[{positive}\]"):
-        fmodel.pos
+        _ = fmodel.pos
     with pytest.raises(higher_func.PerTaskError, match="'neg'"):
-        fmodel.neg
+        _ = fmodel.neg
 
 
 def test_item_in_a_forward_falls_back_to_the_loop_under_auto() -> None:
@@ -457,18 +462,14 @@ def test_batchnorm_in_eval_then_train_has_the_meta_gradients_of_functional_call(
     for t in range(T):
         params = dict(model.named_parameters())
         buffers = {n: b.clone() for n, b in model.named_buffers()}
-
-        def loss_of(training: bool) -> torch.Tensor:
-            nonlocal buffers
+        for training in (False, True, True):  # two steps, then the query
             model.train(training)
             buffers = {n: b.clone() for n, b in buffers.items()}
             out = torch.func.functional_call(model, {**params, **buffers}, (xs[t],))
-            return out.pow(2).mean()
-
-        for training in (False, True):
-            grads = torch.autograd.grad(loss_of(training), list(params.values()), create_graph=True)
+            loss = out.pow(2).mean()
+            grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
             params = {n: p - 0.1 * g for (n, p), g in zip(params.items(), grads)}
-        (loss_of(True) / T).backward()
+        (loss / T).backward()
     model.train()
     for p, g in zip(model.parameters(), batched):
         torch.testing.assert_close(g, p.grad)

@@ -16,7 +16,12 @@ from higher_func import _compat
 
 
 def test_convnd_is_the_base_of_every_convolution():
-    for conv in (nn.Conv1d(1, 1, 1), nn.Conv2d(1, 1, 1), nn.Conv3d(1, 1, 1), nn.ConvTranspose2d(1, 1, 1)):
+    for conv in (
+        nn.Conv1d(1, 1, 1),
+        nn.Conv2d(1, 1, 1),
+        nn.Conv3d(1, 1, 1),
+        nn.ConvTranspose2d(1, 1, 1),
+    ):
         assert isinstance(conv, _compat.ConvNd)
 
 
