@@ -7,14 +7,16 @@ which is why the optimizers need nothing but one loss per task.
 
 Between calls the patch's module copies hold the stacked tensors (so ``fmodel.fc.weight`` reads
 ``[T, *shape]``); for the length of a call they hold one task's tensors, inside vmap or inside a
-loop over tasks. What the forward leaves on the copies (a reassigned buffer, ``self.last = h``)
-comes back out stacked, one entry per task.
+loop over tasks. Everything else the forward leaves on the copies is kept per task by
+``_task_state.TaskState`` (the per-task contract, docs/batching.md), which both paths go
+through: it lends each task its values before the task runs and takes back what it left.
 
-How a patch runs its tasks is decided once: at patch time from the module types (modules
-without batching rules, and convolutions with BatchNorm on a CPU, where the loop is faster),
-otherwise at the first call that vmap cannot run (a missing batching rule, an
-``autograd.Function`` without ``setup_context``, ``.item()`` in the forward): that call is run
-again in the loop, and so is every later call of the patch.
+How a patch runs its tasks is ``batching=``'s choice, or with ``"auto"`` decided once: at
+patch time from the module types (modules without batching rules, and convolutions with
+BatchNorm on a CPU, where the loop is faster), otherwise at the first call that vmap cannot
+run (a missing batching rule, an ``autograd.Function`` without ``setup_context``, ``.item()``
+in the forward, per-task state of different structures): that call is run again in the loop,
+and so is every later call of the patch.
 """
 
 from __future__ import annotations
