@@ -396,8 +396,10 @@ class TaskBatch:
                 result = self._vmap(tree, fn, params, buffers, inputs)
             else:
                 result = self._vmap_or_loop(tree, fn, params, buffers, inputs)
-        finally:
-            captured.check(watched)
+        except BaseException:
+            captured.put_back(watched)  # the call's own error is the one to see
+            raise
+        captured.check(watched)
         state.place()
         return result
 
@@ -432,6 +434,14 @@ class TaskBatch:
             out = fn(*task_args, **inputs.shared, **task_kwargs)
             new_keys = [k for k in state.changed(before) if k not in state.entries]
             left = state.read([*keys, *new_keys])
+            for key, value in left.items():
+                if any(_holds_tensors(leaf) for leaf in pytree.tree_leaves(value)):
+                    raise PerTaskError(
+                        f"attribute {state.name(key)!r} holds a {type(value).__name__} with "
+                        "tensors in it, which torch's pytree cannot look into: torch.vmap "
+                        "cannot keep it per task (batching='loop' can; or keep the tensors in "
+                        "tuples, lists, dicts or namedtuples)"
+                    )
             out_tensors, out_rebuild = _split_tensors(out)
             split_left = [split(v) for v in left.values()]
             passthrough.update(

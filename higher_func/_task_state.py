@@ -474,6 +474,11 @@ class Captured:
     def snapshot(self) -> List[Any]:
         return [_contents(c) for _, c in self._watched]
 
+    def put_back(self, before: List[Any]) -> None:
+        for (_, container), old in zip(self._watched, before):
+            if _contents(container)[0] != old[0]:
+                _put_back(container, old)
+
     def check(self, before: List[Any]) -> None:
         for (what, container), old in zip(self._watched, before):
             if _contents(container)[0] != old[0]:

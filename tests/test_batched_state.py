@@ -568,3 +568,36 @@ def test_compiled_batched_meta_step_calling_and_reading_submodules_equals_eager(
     torch.testing.assert_close(compiled, eager)
     for g, e in zip(grads, eager_grads):
         torch.testing.assert_close(g, e)
+
+
+class _Box:
+    """A plain object holding a tensor (not a pytree node)."""
+
+    def __init__(self, value: torch.Tensor) -> None:
+        self.value = value
+
+
+class Boxed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x)
+        self.box = _Box(y)
+        return y
+
+
+def test_an_object_holding_tensors_is_refused_by_vmap_and_kept_per_task_by_the_loop():
+    model = Boxed().double()
+    xs = torch.randn(T, 2, 4, dtype=DTYPE)
+    strict = higher_func.monkeypatch(model, num_tasks=T, batching="vmap")
+    with pytest.raises(higher_func.PerTaskError, match=r"'box' holds a _Box"):
+        strict(xs)
+    with pytest.warns(higher_func.BatchingFallbackWarning, match="per-task state"):
+        fmodel = higher_func.monkeypatch(model, num_tasks=T)
+        out = fmodel(xs)
+    assert higher_func.patch.batching(fmodel).mode == "loop"
+    with pytest.raises(higher_func.PerTaskError, match="'box'"):
+        _ = fmodel.box  # one object per task: no single value shows them
+    torch.testing.assert_close(out[1], model(xs[1]))
