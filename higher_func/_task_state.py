@@ -218,7 +218,7 @@ class TaskState:
                 if entry is None:
                     if _is_state(value):
                         self.entries[k] = _Entry(holder, key, "shared", value)
-                elif value is not entry.placed:
+                elif not _is(value, entry.placed):
                     self.entries[k] = _Entry(holder, key, "shared", value)
         for k, entry in list(self.entries.items()):
             if entry.placed is not ABSENT and entry.key not in entry.holder:  # deleted outside
@@ -281,7 +281,7 @@ class TaskState:
                 continue
             old, hid = snap[0], id(holder)
             for key, value in holder.items():
-                if old.get(key, ABSENT) is not value and (hid, key) not in self._skip:
+                if not _is(old.get(key, ABSENT), value) and (hid, key) not in self._skip:
                     out.append((hid, key))
             for key in old:
                 if key not in holder and (hid, key) not in self._skip:
@@ -384,6 +384,14 @@ def split(value: Any) -> Tuple[Tuple[Any, List[Any]], List[torch.Tensor]]:
     leaves, spec = pytree.tree_flatten(value)
     consts = [_TENSOR if isinstance(x, torch.Tensor) else x for x in leaves]
     return (spec, consts), [x for x in leaves if isinstance(x, torch.Tensor)]
+
+
+def _is(a: Any, b: Any) -> bool:
+    """``a is b``; while compiling, tuples and lists by their items' identity (Dynamo does
+    not trace ``is`` between them, and a tuple of the same objects is the same value)."""
+    if is_compiling() and isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(_is, a, b))
+    return a is b
 
 
 def _getter(keys: Tuple[str, ...]) -> Callable[[Dict[str, Any]], Tuple[Any, ...]]:

@@ -601,3 +601,29 @@ def test_an_object_holding_tensors_is_refused_by_vmap_and_kept_per_task_by_the_l
     with pytest.raises(higher_func.PerTaskError, match="'box'"):
         _ = fmodel.box  # one object per task: no single value shows them
     torch.testing.assert_close(out[1], model(xs[1]))
+
+
+class _StatefulNoHook(Recurrent):
+    """Recurrent's tuple state and in-place tensor, without the hook (a hook that is a bound
+    method does not compile: the patch's private pass rebinds it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc._forward_hooks.clear()
+
+
+@pytest.mark.slow  # compiles a meta-step
+def test_compiled_batched_meta_step_with_per_task_state_equals_eager() -> None:
+    torch.manual_seed(0)
+    model = _StatefulNoHook()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    xs = torch.randn(2, 3, 4)
+
+    def meta_loss(xs: torch.Tensor) -> torch.Tensor:
+        kwargs = dict(copy_initial_weights=False, num_tasks=2, batching="vmap")
+        with higher_func.innerloop_ctx(model, opt, **kwargs) as (fmodel, diffopt):
+            diffopt.step(fmodel(xs).pow(2).mean(dim=(1, 2)))
+            out = fmodel(xs)
+            return out.pow(2).mean() + 0.1 * fmodel.state[1].sum() + 0.01 * fmodel.total.sum()
+
+    torch.testing.assert_close(higher_func.compile(meta_loss)(xs), meta_loss(xs))
