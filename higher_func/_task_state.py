@@ -281,7 +281,7 @@ class TaskState:
                 continue
             old, hid = snap[0], id(holder)
             for key, value in holder.items():
-                if not _is(old.get(key, ABSENT), value) and (hid, key) not in self._skip:
+                if (hid, key) not in self._skip and not _is(old.get(key, ABSENT), value):
                     out.append((hid, key))
             for key in old:
                 if key not in holder and (hid, key) not in self._skip:
