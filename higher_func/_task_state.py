@@ -69,7 +69,11 @@ def same_leaf(a: Any, b: Any) -> bool:
     objects by identity: an object's ``__eq__`` is the user's and may be anything)."""
     if a is b:
         return True
-    return type(a) is type(b) and type(a) in _PLAIN and a == b
+    if type(a) is not type(b):
+        return False
+    if type(a) in (set, frozenset):  # (pytree does not look into sets)
+        return all(type(x) in _PLAIN for x in (*a, *b)) and a == b
+    return type(a) in _PLAIN and a == b
 
 
 def stack_values(values: Sequence[Any], name: str) -> Any:
@@ -127,7 +131,15 @@ def fresh(value: Any) -> Any:
     (so that appending, or updating a tensor in place, touches this task only)."""
     if value is ABSENT or type(value) in _PLAIN:
         return value
-    return pytree.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, value)
+    return pytree.tree_map(_own_leaf, value)
+
+
+def _own_leaf(leaf: Any) -> Any:
+    if isinstance(leaf, torch.Tensor):
+        return leaf.clone()
+    if type(leaf) is set:  # a leaf to pytree, but a container a forward may add to
+        return set(leaf)
+    return leaf
 
 
 def _is_state(value: Any) -> bool:

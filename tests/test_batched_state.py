@@ -23,7 +23,7 @@ import higher_func
 from higher_func._compat import pytree
 
 DTYPE = torch.float64
-KINDS = ("tensor", "inplace", "tuple", "counter", "item", "list", "dict", "maybe")
+KINDS = ("tensor", "inplace", "tuple", "counter", "item", "list", "dict", "set", "maybe")
 WHERE = ("forward", "hook", "method")
 
 
@@ -43,6 +43,7 @@ def _initial(kind: str) -> Any:
         "item": 0.0,
         "list": [],
         "dict": {},
+        "set": set(),
         "maybe": None,
     }[kind]
 
@@ -67,6 +68,9 @@ def _update(kind: str, prev: Any, h: torch.Tensor) -> Any:
     if kind == "dict":
         prev[f"step{len(prev)}"] = m
         prev["last"] = h.sum()
+        return prev
+    if kind == "set":
+        prev.add(len(prev))  # a set added to in place, each task its own
         return prev
     return m if prev is None else None  # "maybe": a tensor, then None, then a tensor...
 
@@ -191,6 +195,8 @@ def _assert_task(batched: Any, single: Any, t: int, what: str) -> None:
             b = b[t]
         if isinstance(s, torch.Tensor):
             torch.testing.assert_close(b, s, msg=f"{what} (task {t})")
+        elif isinstance(s, set):
+            assert b == s, f"{what} (task {t}): {b} != {s}"
         else:
             assert b == pytest.approx(s), f"{what} (task {t}): {b} != {s}"
 
