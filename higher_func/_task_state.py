@@ -466,12 +466,26 @@ class Captured:
     back as it was."""
 
     def __init__(self, modules: Iterable[Tuple[str, nn.Module]]) -> None:
-        self._watched: List[Tuple[str, Any]] = []
+        self._hooks: List[Tuple[str, Dict[int, Any]]] = []
         for name, module in modules:
             for hooks_key, hooks in module.__dict__.items():
                 if hooks_key.endswith("hooks") and isinstance(hooks, dict):
-                    for hook in hooks.values():
-                        self._watch(f"{name or type(module).__name__}.{hooks_key}", hook)
+                    self._hooks.append((f"{name or type(module).__name__}.{hooks_key}", hooks))
+        self._sizes: List[int] = []
+        self._watched: List[Tuple[str, Any]] = []
+        self._refresh()
+
+    def _refresh(self) -> None:
+        """Look at the hooks again when some were added or removed since (hooks registered
+        on a patched module after its first call)."""
+        sizes = [len(hooks) for _, hooks in self._hooks]
+        if sizes == self._sizes:
+            return
+        self._sizes = sizes
+        self._watched = []
+        for where, hooks in self._hooks:
+            for hook in hooks.values():
+                self._watch(where, hook)
 
     def _watch(self, where: str, hook: Any) -> None:
         label = getattr(hook, "__qualname__", type(hook).__name__)
@@ -492,6 +506,7 @@ class Captured:
                 self._watched.append((f"{what} of hook {label} ({where})", value))
 
     def snapshot(self) -> List[Any]:
+        self._refresh()
         return [_contents(c) for _, c in self._watched]
 
     def put_back(self, before: List[Any]) -> None:

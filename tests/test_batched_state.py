@@ -633,3 +633,15 @@ def test_compiled_batched_meta_step_with_per_task_state_equals_eager() -> None:
             return out.pow(2).mean() + 0.1 * fmodel.state[1].sum() + 0.01 * fmodel.total.sum()
 
     torch.testing.assert_close(higher_func.compile(meta_loss)(xs), meta_loss(xs))
+
+
+def test_a_hook_registered_after_the_first_call_is_checked_too() -> None:
+    model = nn.Sequential(nn.Linear(4, 4)).double()
+    fmodel = higher_func.monkeypatch(model, num_tasks=T)
+    xs = torch.randn(T, 2, 4, dtype=DTYPE)
+    fmodel(xs)
+    seen: list = []
+    fmodel[0].register_forward_hook(lambda module, inputs, output: seen.append(output))
+    with pytest.raises(higher_func.PerTaskError, match="variable 'seen'"):
+        fmodel(xs)
+    assert seen == []
