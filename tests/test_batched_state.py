@@ -119,6 +119,10 @@ class Stateful(nn.Module):
         back = sum(_feedback(a.kind, getattr(self._holder(a), a.name)) for a in self.attrs)
         return self.out(h) + 0.01 * back
 
+    def read_state(self) -> dict:
+        """Every attribute as the module holds it (called per task on a batched patch)."""
+        return {a.name: getattr(self._holder(a), a.name) for a in self.attrs}
+
     def update_state(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.tanh(self.fc(x))
         self._step("method", h)
@@ -173,6 +177,7 @@ def _run(plan: Plan, model: nn.Module, xs: torch.Tensor, **kwargs: Any) -> dict:
         final = f(xs)
         attributes = {a.name: getattr(f.fc if a.on_child else f, a.name) for a in plan.attrs}
         return {
+            "read_by_method": f.read_state(),
             "outputs": [*outputs, final],
             "methods": methods,
             "attributes": attributes,
@@ -226,6 +231,7 @@ def check_plan(plan: Plan, mode: str) -> None:
             _assert_task(b, s, t, f"method's result {i}")
         for name, value in batched["attributes"].items():
             _assert_task(value, single["attributes"][name], t, f"attribute {name}")
+        _assert_task(batched["read_by_method"], single["read_by_method"], t, "read_state()")
         sd, single_sd = batched["state_dicts"][t], single["state_dicts"][0]
         assert list(sd) == list(single_sd)
         for key in sd:
@@ -235,7 +241,7 @@ def check_plan(plan: Plan, mode: str) -> None:
 
 
 @pytest.mark.parametrize("mode", ["vmap", "loop"])
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(plan=plans())
 def test_stateful_forwards_equal_a_loop_of_patches(mode: str, plan: Plan) -> None:
     if mode == "vmap" and any(a.kind == "item" for a in plan.attrs):
