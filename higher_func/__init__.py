@@ -21,6 +21,7 @@ from . import optim, patch, utils
 from ._batching import BatchingFallbackWarning
 from ._checks import UnknownKeyError
 from ._compile import compile
+from ._task_state import PerTaskError
 from .optim import create_diff_optim, get_diff_optim, register_optim
 from .patch import monkeypatch
 
@@ -32,6 +33,7 @@ __all__ = [
     "compile",
     "BatchingFallbackWarning",
     "UnknownKeyError",
+    "PerTaskError",
     "monkeypatch",
     "get_diff_optim",
     "create_diff_optim",
@@ -53,6 +55,7 @@ def innerloop_ctx(
     first_order: bool = False,
     num_tasks: _Optional[int] = None,
     randomness: str = "different",
+    batching: str = "auto",
 ) -> _Iterator[_Tuple[patch._MonkeyPatchBase, optim.DifferentiableOptimizer]]:
     """A patched ``model`` and a differentiable ``opt``, for writing an unrolled inner loop.
 
@@ -79,6 +82,8 @@ def innerloop_ctx(
         randomness: with ``num_tasks``, how random ops such as dropout draw across tasks
             (``torch.vmap``'s meanings): ``"different"`` (default, as a loop over tasks),
             ``"same"`` or ``"error"``.
+        batching: with ``num_tasks``, ``"auto"`` (default), ``"vmap"`` or ``"loop"``: how
+            the tasks run (see ``monkeypatch``).
 
     Yields:
         ``(fmodel, diffopt)``: the patched model, and the optimizer whose ``step(loss)``
@@ -110,6 +115,7 @@ def innerloop_ctx(
         track_higher_grads=track_higher_grads,
         num_tasks=num_tasks,
         randomness=randomness,
+        batching=batching,
     )
     diffopt = optim.get_diff_optim(
         opt,

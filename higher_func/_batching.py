@@ -7,14 +7,16 @@ which is why the optimizers need nothing but one loss per task.
 
 Between calls the patch's module copies hold the stacked tensors (so ``fmodel.fc.weight`` reads
 ``[T, *shape]``); for the length of a call they hold one task's tensors, inside vmap or inside a
-loop over tasks. What the forward leaves on the copies (a reassigned buffer, ``self.last = h``)
-comes back out stacked, one entry per task.
+loop over tasks. Everything else the forward leaves on the copies is kept per task by
+``_task_state.TaskState`` (the per-task contract, docs/batching.md), which both paths go
+through: it lends each task its values before the task runs and takes back what it left.
 
-How a patch runs its tasks is decided once: at patch time from the module types (modules
-without batching rules, and convolutions with BatchNorm on a CPU, where the loop is faster),
-otherwise at the first call that vmap cannot run (a missing batching rule, an
-``autograd.Function`` without ``setup_context``, ``.item()`` in the forward): that call is run
-again in the loop, and so is every later call of the patch.
+How a patch runs its tasks is ``batching=``'s choice, or with ``"auto"`` decided once: at
+patch time from the module types (modules without batching rules, and convolutions with
+BatchNorm on a CPU, where the loop is faster), otherwise at the first call that vmap cannot
+run (a missing batching rule, an ``autograd.Function`` without ``setup_context``, ``.item()``
+in the forward, per-task state of different structures): that call is run again in the loop,
+and so is every later call of the patch.
 """
 
 from __future__ import annotations
@@ -27,24 +29,13 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 import torch
 from torch import nn
 
-from ._compat import BatchNorm, is_compiling, pytree
+from ._compat import VMAP_LIMITS, BatchNorm, ConvNd, is_compiling, pytree, user_stacklevel
+from ._task_state import ABSENT, Captured, PerTaskError, TaskState, rebuild, split, stack_values
 from ._tree import ModuleTree
 
 _warned: set = set()
 _RANDOMNESS = ("different", "same", "error")
-
-# Messages of the errors torch.vmap raises where a loop over tasks runs fine: a missing
-# batching rule, an autograd.Function written for plain autograd only, data-dependent Python
-# (``.item()``, ``if tensor:``), outputs of data-dependent shape, an in-place write into a
-# tensor that is not per task. Any other error is the user's and surfaces as it is.
-_VMAP_LIMITS = (
-    "Batching rule not implemented",
-    "autograd.Function with functorch transforms",
-    "vmap: It looks like you're calling .item()",
-    "data-dependent control flow",
-    "vmap: We do not support batching operators that can output dynamic shape",
-    "vmap: inplace arithmetic",
-)
+_BATCHING = ("auto", "vmap", "loop")
 
 # Modules whose forward takes a fused inference-only kernel when no weight seems to require
 # grad: inside vmap the per-task weights never do, and the step then fails with "derivative
@@ -75,7 +66,7 @@ def _loop_is_faster(module: nn.Module, device: Optional[torch.device]) -> Option
     if device is None or device.type != "cpu":
         return None
     kinds = list(module.modules())
-    conv = next((m for m in kinds if isinstance(m, nn.modules.conv._ConvNd)), None)
+    conv = next((m for m in kinds if isinstance(m, ConvNd)), None)
     norm = next((m for m in kinds if isinstance(m, BatchNorm)), None)
     if conv is None or norm is None:
         return None
@@ -91,6 +82,15 @@ def check_num_tasks(num_tasks: Any) -> int:
     return num_tasks
 
 
+def check_batching(batching: Any) -> str:
+    if not isinstance(batching, str) or batching not in _BATCHING:
+        raise ValueError(
+            f"batching must be one of {_BATCHING} ('auto': vmap where it can run the tasks and "
+            f"is faster, else a loop over tasks), got {batching!r}"
+        )
+    return batching
+
+
 def check_randomness(randomness: Any) -> str:
     if randomness not in _RANDOMNESS:
         raise ValueError(f"randomness must be one of {_RANDOMNESS}, got {randomness!r}")
@@ -104,82 +104,54 @@ class BatchingFallbackWarning(UserWarning):
 def _warn_once(key: Tuple[str, ...], message: str) -> None:
     if key not in _warned:
         _warned.add(key)
-        warnings.warn(message, BatchingFallbackWarning, stacklevel=5)
+        warnings.warn(message, BatchingFallbackWarning, stacklevel=user_stacklevel())
 
 
 def _is_vmap_limit(error: BaseException) -> bool:
     if not isinstance(error, (RuntimeError, NotImplementedError)):
         return False
     message = str(error)
-    return any(limit in message for limit in _VMAP_LIMITS)
+    return any(limit in message for limit in VMAP_LIMITS)
 
 
-@contextlib.contextmanager
-def attention_fastpath_off() -> Iterator[None]:
-    # torch.backends.mha's switch is process-wide: while it is off, other threads' attention
-    # modules take their general path too (same results, not the fused kernel).
-    before = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(before)
+class _FastpathSwitch:
+    """Turns torch's attention fast path off while at least one batched call needs it off.
 
-
-_MISSING = object()
-
-
-class _Leftovers:
-    """What a forward left on the copies besides the buffer slots: new or reassigned tensor
-    attributes (``self.last = h``, a buffer registered as None and filled in forward)."""
-
-    def __init__(self, tree: ModuleTree, per_task: "_PerTaskAttributes") -> None:
-        self._holders = [c.__dict__ for c in tree.modules()]
-        self._holders += [c._buffers for c in tree.modules()]
-        self._before = [dict(h) for h in self._holders]
-        # Buffers and per-task attributes are read back by the caller, not here.
-        self._slots = tree.buffer_slot_keys | per_task.keys
-
-    def changed(self) -> List[Tuple[Dict[str, Any], str, Any]]:
-        out = []
-        for holder, before in zip(self._holders, self._before):
-            for key, value in holder.items():
-                if before.get(key, _MISSING) is value or key == "_flat_weights":
-                    continue
-                if (id(holder), key) not in self._slots:
-                    out.append((holder, key, value))
-        return out
-
-    def restore(self) -> None:
-        for holder, before in zip(self._holders, self._before):
-            for key in [k for k in holder if k not in before]:
-                del holder[key]
-            holder.update(before)
-
-
-class _PerTaskAttributes:
-    """Tensor attributes a forward left on the copies, stacked one entry per task.
-
-    The next call lends each task its own entry, as it does with buffers: a forward that reads
-    what it left last time (``self.prev``) sees its task's value, not the whole stack.
+    torch's switch (``torch.backends.mha.set_fastpath_enabled``) is process-wide, and torch
+    has no per-thread one. Each call saving the old value and restoring it on exit races with
+    another thread doing the same (the second saves "off" and restores it last, leaving the
+    fast path off for good), so the calls count themselves in under a lock instead: the first
+    turns the path off, the last one out restores what the user had.
     """
 
     def __init__(self) -> None:
-        self.slots: List[Tuple[Dict[str, Any], str]] = []
-        self.keys: set = set()
+        self._lock = threading.Lock()
+        self._users = 0
+        self._before = True
 
-    def add(self, changed: List[Tuple[Dict[str, Any], str, Any]]) -> None:
-        for holder, key, value in changed:
-            if isinstance(value, torch.Tensor) and (id(holder), key) not in self.keys:
-                self.keys.add((id(holder), key))
-                self.slots.append((holder, key))
+    @contextlib.contextmanager
+    def off(self) -> Iterator[None]:
+        with self._lock:
+            if self._users == 0:
+                self._before = torch.backends.mha.get_fastpath_enabled()
+                torch.backends.mha.set_fastpath_enabled(False)
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._users -= 1
+                if self._users == 0:
+                    torch.backends.mha.set_fastpath_enabled(self._before)
 
-    def read(self) -> List[Any]:
-        return [holder.get(key) for holder, key in self.slots]
 
-    def write(self, values: Sequence[Any]) -> None:
-        for (holder, key), value in zip(self.slots, values):
-            holder[key] = value
+_FASTPATH = _FastpathSwitch()
+
+
+def attention_fastpath_off() -> contextlib.AbstractContextManager[None]:
+    """While it is entered, attention modules take their general path (in every thread:
+    torch's switch is process-wide); restored when the last such call in any thread ends."""
+    return _FASTPATH.off()
 
 
 def _split_tensors(tree: Any) -> Tuple[List[torch.Tensor], Callable[[List[Any]], Any]]:
@@ -193,7 +165,7 @@ def _split_tensors(tree: Any) -> Tuple[List[torch.Tensor], Callable[[List[Any]],
                 f"a batched patched module returned a {type(leaf).__name__} holding tensors, "
                 "which torch's pytree cannot look into: its tensors cannot be split or stacked "
                 "per task. Return tuples, lists, dicts or namedtuples, or register the type "
-                "with torch.utils._pytree.register_pytree_node"
+                "with torch's pytree (its register_pytree_node)"
             )
 
     def rebuild(tensors: List[Any]) -> Any:
@@ -251,7 +223,7 @@ class _Inputs:
 
 class TaskBatch:
     """How a patched module runs ``size`` tasks: vmapped, or looped where vmap cannot run
-    them or is slower."""
+    them or is slower, or as ``batching=`` says."""
 
     def __init__(
         self,
@@ -259,19 +231,27 @@ class TaskBatch:
         module: nn.Module,
         randomness: str = "different",
         device: Optional[torch.device] = None,
+        batching: str = "auto",
     ) -> None:
         self.size = check_num_tasks(size)
         self.randomness = check_randomness(randomness)
-        self._per_task = _PerTaskAttributes()
+        self.batching = check_batching(batching)
+        self._state: Optional[TaskState] = None
+        self._captured: Optional[Captured] = None
         # Calls lend one task's tensors into the patch's copies: two threads calling the same
         # batched patched module take turns. (Dynamo cannot build a lock; compiled code has
         # no threads to exclude.)
         self._lock = None if is_compiling() else threading.RLock()
         self._attention = any(isinstance(m, _ATTENTION) for m in module.modules())
+        self.mode, self.reason = "vmap", None
+        if batching == "vmap":
+            return
+        if batching == "loop":
+            self.mode, self.reason = "loop", "batching='loop' was asked for"
+            return
         unbatchable = sorted({r for r in map(_unbatchable, module.modules()) if r is not None})
         if device is None:
             device = next((t.device for t in (*module.parameters(), *module.buffers())), None)
-        self.mode, self.reason = "vmap", None
         if unbatchable:
             self._fall_back(tuple(unbatchable), "; ".join(unbatchable))
         elif not is_compiling():
@@ -335,6 +315,9 @@ class TaskBatch:
                 f"in_dims has {len(in_dims)} entries for {len(args)} positional inputs (keyword "
                 "inputs go in a dict at its end: in_dims=(0, {'mask': None}))"
             )
+        # An input that holds no tensor (None, a flag) has nothing to map: every task gets it
+        # as it is, whatever dim it was given.
+        in_dims = tuple(d if _has_tensor(a) else None for a, d in zip(args, in_dims))
         for position, (arg, dim) in enumerate(zip(args, in_dims)):
             if dim is not None:
                 self._check_mapped(f"input {position}", arg, dim, device)
@@ -367,64 +350,98 @@ class TaskBatch:
         """Run ``fn`` once per task; returns the stacked outputs and the stacked buffers.
 
         ``params`` and ``buffers`` are the stacked tensors the copies hold between calls; they
-        hold them again afterwards, also when ``fn`` raises.
+        hold them again afterwards, also when ``fn`` raises. Each call works on its own copy
+        of the buffers: torch updates running statistics in place, and a tensor an earlier
+        call saved for backward (BatchNorm in eval mode) must not change under it.
         """
         device = next((t.device for t in (*params, *buffers)), None)
         inputs = self.inputs(args, kwargs, device)
+        if self._state is None:
+            self._state = TaskState(tree.root.named_modules(), self.size, tree.buffer_slot_keys)
+            self._captured = Captured(tree.root.named_modules())
         # vmap drops autocast for some ops (F.linear with a bias in torch 2.13): loop instead.
         autocast = device is not None and torch.is_autocast_enabled(device.type)
-        if autocast:
+        if autocast and self.batching == "vmap":
+            raise RuntimeError(
+                "batching='vmap' under torch.autocast: torch.vmap does not apply autocast to "
+                "every op (the results would silently differ from a loop over tasks); use "
+                "batching='auto' or 'loop' with autocast"
+            )
+        if autocast and self.mode != "loop":
             _warn_once(
                 ("autocast",),
                 "torch.autocast does not reach every op under torch.vmap: with autocast on, "
                 "num_tasks runs the tasks in a Python loop",
             )
         if compiling or self._lock is None:
-            if self.mode == "loop" or autocast:
-                return self._loop(tree, fn, params, buffers, inputs)
-            return self._vmap(tree, fn, params, buffers, inputs)
+            return self._run(tree, fn, params, buffers, inputs, autocast)
         with self._lock:
+            return self._run(tree, fn, params, buffers, inputs, autocast)
+
+    def _run(self, tree, fn, params, buffers, inputs, autocast):
+        state, captured = self._state, self._captured
+        assert state is not None and captured is not None
+        state.sync()
+        watched = captured.snapshot()
+        try:
             if self.mode == "loop" or autocast:
-                return self._loop(tree, fn, params, buffers, inputs)
-            return self._vmap_or_loop(tree, fn, params, buffers, inputs)
+                result = self._loop(tree, fn, params, buffers, inputs)
+            elif self.batching == "vmap":
+                result = self._vmap(tree, fn, params, buffers, inputs)
+            else:
+                result = self._vmap_or_loop(tree, fn, params, buffers, inputs)
+        except BaseException:
+            captured.put_back(watched)  # the call's own error is the one to see
+            raise
+        captured.check(watched)
+        state.place()
+        return result
 
     def _vmap_or_loop(self, tree, fn, params, buffers, inputs):
         """vmap, or the loop for good if vmap meets one of its limits."""
-        # A forward may update buffers in place (BatchNorm's running statistics) before vmap
-        # gives up, and torch's kernels do not always bump the version counter when they do:
-        # keep their values, to run the call again from them. (Buffers are small next to a
-        # forward; leftover attributes are restored by _vmap itself.)
-        saved = [b.clone() for b in buffers]
         try:
             return self._vmap(tree, fn, params, buffers, inputs)
+        except PerTaskError as error:
+            reason = f"per-task state vmap cannot take: {error}"
+            self._fall_back(("state", str(error)), reason)
         except Exception as error:
             if not _is_vmap_limit(error):
                 raise
-            with torch.no_grad():
-                for buffer, value in zip(buffers, saved):
-                    buffer.copy_(value)
             first_line = str(error).strip().splitlines()[0]
             self._fall_back((type(error).__name__, first_line), f"torch.vmap: {first_line}")
         return self._loop(tree, fn, params, buffers, inputs)
 
     def _vmap(self, tree, fn, params, buffers, inputs: _Inputs):
+        state = self._state
+        assert state is not None
+        keys, layouts, leaves = state.for_vmap()
+        base = state.snapshot()  # the views, restored after the call
+        own_buffers = [b.clone() for b in buffers]
         passthrough: Dict[str, Any] = {}
-        per_task = self._per_task
-        attributes = per_task.read()
 
-        def one_task(task_params, task_buffers, task_attributes, task_kwargs, *task_args):
+        def one_task(task_params, task_buffers, task_leaves, task_kwargs, *task_args):
             tree.write_params(task_params)
             tree.write_buffers(task_buffers)
-            per_task.write(task_attributes)
-            leftovers = _Leftovers(tree, per_task)
-            passthrough["leftovers"] = leftovers  # restored even if the forward raises
+            for key, layout, values in zip(keys, layouts, task_leaves):
+                lend(state.holder_of(key), key[1], rebuild(layout, values))
+            before = state.snapshot()
             out = fn(*task_args, **inputs.shared, **task_kwargs)
-            changed = leftovers.changed()
-            # Outputs and attributes that are not tensors (None, ints) cannot leave vmap;
-            # they are the same for every task, so the trace's own values are kept.
-            tensors, rebuild = _split_tensors((out, [value for _, _, value in changed]))
-            passthrough.update(rebuild=rebuild, changed=changed)
-            return tensors, tree.read_buffers(), per_task.read()
+            new_keys = [k for k in state.changed(before) if k not in state.entries]
+            left = state.read([*keys, *new_keys])
+            for key, value in left.items():
+                if any(_holds_tensors(leaf) for leaf in pytree.tree_leaves(value)):
+                    raise PerTaskError(
+                        f"attribute {state.name(key)!r} holds a {type(value).__name__} with "
+                        "tensors in it, which torch's pytree cannot look into: torch.vmap "
+                        "cannot keep it per task (batching='loop' can; or keep the tensors in "
+                        "tuples, lists, dicts or namedtuples)"
+                    )
+            out_tensors, out_rebuild = _split_tensors(out)
+            split_left = [split(v) for v in left.values()]
+            passthrough.update(
+                out=out_rebuild, keys=list(left), layouts=[layout for layout, _ in split_left]
+            )
+            return out_tensors, tree.read_buffers(), [t for _, t in split_left]
 
         batched = torch.vmap(
             one_task,
@@ -436,37 +453,35 @@ class TaskBatch:
         fastpath = attention_fastpath_off() if flip else contextlib.nullcontext()
         try:
             with fastpath:
-                tensors, new_buffers, new_attributes = batched(
-                    params, buffers, attributes, inputs.mapped, *inputs.args
+                tensors, new_buffers, new_leaves = batched(
+                    params, own_buffers, leaves, inputs.mapped, *inputs.args
                 )
         finally:
-            if "leftovers" in passthrough:
-                passthrough["leftovers"].restore()
+            state.restore(base)
             tree.write_params(params)
             tree.write_buffers(buffers)
-            per_task.write(attributes)
-        out, values = passthrough["rebuild"](tensors)
-        per_task.write(new_attributes)
-        for (holder, key, _), value in zip(passthrough["changed"], values):
-            holder[key] = value
-        per_task.add(passthrough["changed"])
+        out = passthrough["out"](tensors)
+        for key, layout, values in zip(passthrough["keys"], passthrough["layouts"], new_leaves):
+            state.set_stacked(key, rebuild(layout, values))
         new_buffers = list(new_buffers)
         tree.write_buffers(new_buffers)
         return out, new_buffers
 
     def _loop(self, tree, fn, params, buffers, inputs: _Inputs):
-        outs, per_task_buffers, per_task_changed, per_task_attributes = [], [], [], []
+        state = self._state
+        assert state is not None
+        own_buffers = [b.clone() for b in buffers]
+        outs, per_task_buffers, left = [], [], []
         reassigned = [False] * len(buffers)
         rng = _Randomness(self.randomness, buffers[0].device if buffers else None)
-        per_task = self._per_task
-        attributes = per_task.read()
+        base = state.snapshot()
         try:
             for t in range(self.size):
-                views = [b[t] for b in buffers]  # in-place updates (BatchNorm) land in the stack
+                views = [b[t] for b in own_buffers]  # in-place updates land in the stack
                 tree.write_params([p[t] for p in params])
                 tree.write_buffers(views)
-                per_task.write([a[t] for a in attributes])
-                leftovers = _Leftovers(tree, per_task)
+                state.lend(t)
+                before = state.snapshot()
                 task_args, task_kwargs = inputs.of_task(t)
                 try:
                     with rng.task():
@@ -474,26 +489,28 @@ class TaskBatch:
                     own = tree.read_buffers()
                     reassigned = [r or o is not v for r, o, v in zip(reassigned, own, views)]
                     per_task_buffers.append(own)
-                    per_task_changed.append(leftovers.changed())
-                    per_task_attributes.append(per_task.read())
+                    left.append(state.read({*state.entries, *state.changed(before)}))
                 finally:
-                    leftovers.restore()
+                    state.restore(base)
         finally:
             tree.write_params(params)
             tree.write_buffers(buffers)
-            per_task.write(attributes)
-        if attributes:
-            per_task.write([torch.stack(column) for column in zip(*per_task_attributes)])
+        state.collect_tasks(left, base)
         stacked = [
             torch.stack([own[i] for own in per_task_buffers]) if changed else b
-            for i, (b, changed) in enumerate(zip(buffers, reassigned))
+            for i, (b, changed) in enumerate(zip(own_buffers, reassigned))
         ]
-        for entries in zip(*per_task_changed):
-            holder, key, _ = entries[0]
-            holder[key] = _stack_tasks([value for _, _, value in entries])
-        per_task.add(per_task_changed[0] if per_task_changed else [])
         tree.write_buffers(stacked)
-        return _stack_tasks(outs), stacked
+        for value in outs:
+            _split_tensors(value)  # refuses outputs whose tensors cannot be stacked
+        return stack_values(outs, "the output"), stacked
+
+
+def lend(holder: Dict[str, Any], key: str, value: Any) -> None:
+    if value is ABSENT:
+        holder.pop(key, None)
+    else:
+        holder[key] = value
 
 
 def _same_state(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> bool:
@@ -529,10 +546,3 @@ class _Randomness:
                     "randomness='error' (use 'different' for each task its own draws, or "
                     "'same' for one draw shared by all tasks)"
                 )
-
-
-def _stack_tasks(per_task: List[Any]) -> Any:
-    """Stack the tensor leaves of per-task results; other leaves are the first task's."""
-    tensors, rebuild = _split_tensors(per_task[0])
-    columns = [_split_tensors(result)[0] for result in per_task]
-    return rebuild([torch.stack(column) for column in zip(*columns)] if tensors else [])

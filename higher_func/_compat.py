@@ -11,9 +11,10 @@ Tested with torch 2.13.0; ``MIN_TORCH`` is the oldest torch ``higher_func.compil
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import types
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Tuple
 
 import torch
 import torch.utils.checkpoint as _checkpoint
@@ -30,6 +31,9 @@ from torch.utils import _pytree as pytree
 __all__ = [
     "ALLOW_RNN",
     "BatchNorm",
+    "ConvNd",
+    "VMAP_LIMITS",
+    "user_stacklevel",
     "MIN_TORCH",
     "TRACE_AUTOGRAD_OPS",
     "can_trace_autograd",
@@ -235,3 +239,47 @@ COMPILED_CALL = "_compiled_call_impl"
 #: replaced parameter (the copy then rebuilds its own list). Private to torch.nn.RNNBase.
 FLAT_WEIGHTS, FLAT_WEIGHT_NAMES = "_flat_weights", "_flat_weights_names"
 RNN_WEIGHT_LISTS = frozenset({FLAT_WEIGHTS, "_flat_weight_refs"})
+
+
+# -- batching over tasks (issue 20: higher_func/_batching.py) ------------------------------------
+
+# The common base of Conv1d/2d/3d and the transposed convolutions (the kinds vmap turns into
+# one grouped convolution). No public base class; private since torch 1.0.
+from torch.nn.modules.conv import _ConvNd as ConvNd  # noqa: E402
+
+# Messages of the errors torch.vmap raises where a loop over tasks runs fine: a missing
+# batching rule, an autograd.Function written for plain autograd only, data-dependent Python
+# (``.item()``, ``if tensor:``), outputs of data-dependent shape, an in-place write into a
+# tensor that is not per task. torch raises them as plain RuntimeErrors with no public error
+# type to catch; each has read this way since torch 2.0 (checked in tests/test_compat.py).
+VMAP_LIMITS: Tuple[str, ...] = (
+    "Batching rule not implemented",
+    "autograd.Function with functorch transforms",
+    "vmap: It looks like you're calling .item()",
+    "data-dependent control flow",
+    "vmap: We do not support batching operators that can output dynamic shape",
+    "vmap: inplace arithmetic",
+)
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` at which ``warnings.warn``, called by this function's caller,
+    points at the first frame outside higher_func: the user's line.
+
+    ``warnings.warn(skip_file_prefixes=)`` does this publicly only from Python 3.12; before,
+    walking the frames takes ``sys._getframe`` (CPython, every version).
+
+    Example:
+        >>> user_stacklevel() >= 1
+        True
+    """
+    frame: Optional[types.FrameType] = sys._getframe(1)  # the caller of warnings.warn: level 1
+    level = 1
+    while (
+        frame is not None and os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == _PACKAGE
+    ):
+        frame = frame.f_back
+        level += 1
+    return level

@@ -56,7 +56,7 @@ from . import _compile, _numerics, _rules
 from . import patch as _patch
 from ._batching import check_num_tasks
 from ._checks import check_bool, check_task
-from ._compat import is_compiling
+from ._compat import is_compiling, pytree
 from ._hyperparams import apply_trainable_opt_params, get_trainable_opt_params
 from ._numerics import get_numerics, numerics, set_numerics
 from ._overrides import (
@@ -67,7 +67,7 @@ from ._overrides import (
     has_per_task,
 )
 from ._rules import OPTIMIZERS, RULES, UpdateRule
-from ._state import export_state, import_state, select_task, to_python, unstacked_shape
+from ._state import export_state, import_state, to_python, unstacked_shape
 
 _OverrideType = OverrideType  # higher's name, kept for code that annotates with it
 _GradCallbackType = Callable[[List[Optional[torch.Tensor]]], List[Optional[torch.Tensor]]]
@@ -525,7 +525,7 @@ class DifferentiableOptimizer:
                     shape = unstacked_shape(group["params"][i], self.num_tasks)
                     state[start + i] = export_state(group_state[i], task, self.num_tasks, shape)
             hyper = {
-                k: to_python(v if task is None else select_task(v, task, self.num_tasks))
+                k: to_python(v if task is None else _hyper_of_task(v, task, self.num_tasks, group))
                 for k, v in group.items()
                 if k != "params"
             }
@@ -586,6 +586,22 @@ def _checked_gradients(
                 f"{label(i)}, which has shape {tuple(p.shape)} and {p.dtype}"
             )
     return grads
+
+
+def _hyper_of_task(value: Any, task: int, num_tasks: Optional[int], group: Dict[str, Any]) -> Any:
+    """Task ``task``'s value of a hyperparameter, per task exactly where the step treats it
+    so: a ``[T]`` tensor (one value per task), or a tensor with as many dims as a stacked
+    ``[T, *shape]`` weight of the group and ``T`` along the first (one element per task).
+    A tensor that broadcasts over the task dim (a ``(4, 3)`` lr for ``(4, 3)`` weights, also
+    when ``T`` is 4) is shared and exported whole: its shape is never read as a task count."""
+    dims = {p.dim() for p in group["params"] if isinstance(p, torch.Tensor)}
+
+    def select(x: Any) -> Any:
+        if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] != num_tasks:
+            return x
+        return x[task] if x.dim() == 1 or x.dim() in dims else x
+
+    return pytree.tree_map(select, value)
 
 
 def _num_tasks(num_tasks: Optional[int], fmodel: Any) -> Optional[int]:

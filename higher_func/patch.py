@@ -39,6 +39,7 @@ from __future__ import annotations
 import collections.abc as _abc
 import functools as _functools
 import inspect as _inspect
+import types as _types
 from typing import (
     Any,
     Callable,
@@ -58,6 +59,7 @@ from torch import nn as _nn
 
 from . import _compile, _reroute
 from ._batching import TaskBatch as _TaskBatch
+from ._batching import check_batching as _check_batching
 from ._checks import UnknownKeyError, check_bool, check_task, same_device
 from ._compat import is_compiling as _is_compiling
 from ._legacy import HIGHER_ATTRIBUTES as _HIGHER_ATTRIBUTES
@@ -67,6 +69,7 @@ from ._legacy import _modify_internally as _modify_internally
 from ._legacy import _ParameterPlaceholder as _ParameterPlaceholder
 from ._legacy import _patched_parameters as _patched_parameters
 from ._legacy import _update_patched_params as _update_patched_params
+from ._task_state import Mixed as _Mixed
 from ._tree import ModuleTree as _ModuleTree
 
 _Params = Union[Sequence[_torch.Tensor], Mapping[str, _torch.Tensor]]
@@ -103,7 +106,14 @@ class _MonkeyPatchBase:
         num_tasks: Optional[int] = None,
         device: Optional[_torch.device] = None,
         randomness: str = "different",
+        batching: str = "auto",
     ) -> None:
+        _check_batching(batching)
+        if num_tasks is None and batching != "auto":
+            raise ValueError(
+                f"batching={batching!r} needs num_tasks: only a batched patched module runs "
+                "tasks (pass num_tasks=T)"
+            )
         compiling = _is_compiling()
         tree = _ModuleTree(module, compiling, batched=num_tasks is not None)
         state = self.__dict__
@@ -111,7 +121,11 @@ class _MonkeyPatchBase:
         state["_hf_tree"] = tree
         state["_hf_compiling"] = compiling
         device = None if device is None else _torch.device(device)
-        tasks = None if num_tasks is None else _TaskBatch(num_tasks, module, randomness, device)
+        tasks = (
+            None
+            if num_tasks is None
+            else _TaskBatch(num_tasks, module, randomness, device, batching)
+        )
         state["_hf_tasks"] = tasks
         # Attention that can be differentiated twice, embeddings right under vmap.
         state["_hf_reroute"] = _reroute.install(tree.copies, tasks is not None)
@@ -232,7 +246,8 @@ class _MonkeyPatchBase:
     def _wrap(self, value: Any) -> Any:
         """A submodule as the user sees it: the copy itself, or a per-task proxy when batched."""
         if self._hf_tasks is not None and isinstance(value, _nn.Module):
-            return _BatchedView(value, self)
+            view = _PerTaskView if self._hf_compiling else _BatchedView
+            return view(value, self)
         return value
 
     def named_children(self) -> Iterator[Tuple[str, Any]]:
@@ -576,10 +591,17 @@ def _batched_attr(patch: _MonkeyPatchBase, module: _nn.Module, name: str) -> Any
     """Attribute ``name`` of ``module`` (one of a batched patch's copies) as the user sees it:
     methods and properties computed from the weights run once per task, and every submodule
     they hand out is a per-task view."""
+    own = module.__dict__.get(name, _NOT_OWN)
+    if isinstance(own, _Mixed):
+        raise own.error()
+    if isinstance(own, _types.MethodType) and isinstance(own.__self__, _nn.Module):
+        # A method kept as an attribute (self.embed = self._embed): it computes from the
+        # weights like a method of the class, so it runs once per task too.
+        return _per_task_method(patch, own.__func__, lambda: getattr(module, name), name)
     class_attr = getattr(type(module), name, None)
     if isinstance(class_attr, (property, _functools.cached_property)):
         return _views_in(patch, patch._per_task(lambda: getattr(module, name), (), {}))
-    if not _inspect.isfunction(class_attr) or name in module.__dict__:
+    if not _inspect.isfunction(class_attr) or own is not _NOT_OWN:
         return _views_in(patch, getattr(module, name))
     if class_attr.__module__.startswith("torch."):
         # nn.Module's and the containers' own methods (get_submodule, values, items...):
@@ -592,18 +614,27 @@ def _batched_attr(patch: _MonkeyPatchBase, module: _nn.Module, name: str) -> Any
         with_views.__name__ = name
         with_views.__doc__ = class_attr.__doc__
         return with_views
-    if _inspect.isgeneratorfunction(class_attr):
+    return _per_task_method(patch, class_attr, lambda: getattr(module, name), name)
+
+
+_NOT_OWN = object()
+
+
+def _per_task_method(
+    patch: _MonkeyPatchBase, function: Any, bound: Callable[[], Any], name: str
+) -> Callable[..., Any]:
+    """A method of a batched patch's module copy that runs once per task."""
+    if _inspect.isgeneratorfunction(function):
         raise TypeError(
-            f"{type(module).__name__}.{name} is a generator: it would run after the call "
-            "that lends each task its weights; with num_tasks, call a method that returns "
-            "its results instead"
+            f"{name} is a generator: it would run after the call that lends each task its "
+            "weights; with num_tasks, call a method that returns its results instead"
         )
 
     def per_task(*args: Any, **kwargs: Any) -> Any:
-        return _views_in(patch, patch._per_task(getattr(module, name), args, kwargs))
+        return _views_in(patch, patch._per_task(bound(), args, kwargs))
 
     per_task.__name__ = name
-    per_task.__doc__ = class_attr.__doc__
+    per_task.__doc__ = function.__doc__
     return per_task
 
 
@@ -612,30 +643,34 @@ def _views_in(patch: _MonkeyPatchBase, value: Any) -> Any:
     iterator) replaced by its per-task view."""
     if isinstance(value, _nn.Module):
         return patch._wrap(value)
+    # A container without modules in it is returned itself: the user may change it in
+    # place (fmodel.acts.clear()), which every task then sees at its next call.
     if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
-        return type(value)(_views_in(patch, v) for v in value)
+        items = [_views_in(patch, v) for v in value]
+        if all(a is b for a, b in zip(items, value)):
+            return value
+        return type(value)(items)
     if isinstance(value, dict):
-        return type(value)((k, _views_in(patch, v)) for k, v in value.items())
+        pairs = [(k, _views_in(patch, v)) for k, v in value.items()]
+        if all(v is value[k] for k, v in pairs):
+            return value
+        return type(value)(pairs)
     if isinstance(value, (_abc.ItemsView, _abc.ValuesView, _abc.Iterator)):
         return [_views_in(patch, v) for v in value]
     return value
 
 
-class _BatchedView:
+class _PerTaskView:
     """A submodule of a batched patched module: calls and methods run once per task on that
     task's weights; attributes read the stacked ``[num_tasks, ...]`` tensors.
 
-    ``isinstance(view, ModuleClass)`` holds (it reports its module's class), so loops such as
-    ``for m in fmodel.modules(): if isinstance(m, nn.Dropout): m.eval()`` work batched too.
+    This form is the one built inside a compiled meta-step (Dynamo cannot build an object
+    whose ``__class__`` is a property); eager code gets ``_BatchedView``.
     """
 
     def __init__(self, module: _nn.Module, patch: _MonkeyPatchBase) -> None:
         object.__setattr__(self, "_hf_module", module)
         object.__setattr__(self, "_hf_patch", patch)
-
-    @property  # type: ignore[misc]
-    def __class__(self) -> type:
-        return type(self._hf_module)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self._hf_patch._per_task(self._hf_module, args, kwargs)
@@ -644,7 +679,9 @@ class _BatchedView:
         return self._hf_patch._per_task(self._hf_module.forward, args, kwargs)
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("__"):
+        # (_hf_ names are read before __init__ set them while Dynamo builds a view: without
+        # this, each read would recurse into __getattr__.)
+        if name.startswith(("__", "_hf_")):
             raise AttributeError(name)
         _refuse(name, self._hf_module)
         return _batched_attr(self._hf_patch, self._hf_module, name)
@@ -677,16 +714,27 @@ class _BatchedView:
     def modules(self) -> Iterator[Any]:
         return (m for _, m in self.named_modules())
 
-    def train(self, mode: bool = True) -> "_BatchedView":
+    def train(self, mode: bool = True) -> "_PerTaskView":
         self._hf_module.train(mode)
         return self
 
-    def eval(self) -> "_BatchedView":
+    def eval(self) -> "_PerTaskView":
         self._hf_module.eval()
         return self
 
     def __repr__(self) -> str:
         return f"PerTask({self._hf_module!r})"
+
+
+class _BatchedView(_PerTaskView):
+    """A per-task view (``_PerTaskView``) for which ``isinstance(view, ModuleClass)`` holds
+    (it reports its module's class), so loops such as
+    ``for m in fmodel.modules(): if isinstance(m, nn.Dropout): m.eval()`` work batched too.
+    """
+
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:
+        return type(self._hf_module)
 
 
 class Batching(NamedTuple):
@@ -724,6 +772,7 @@ def make_functional(
     num_tasks: Optional[int] = None,
     device: Optional[_torch.device] = None,
     randomness: str = "different",
+    batching: str = "auto",
 ) -> _MonkeyPatchBase:
     """A patched module without fast weights: every call must pass ``params=``.
 
@@ -731,7 +780,7 @@ def make_functional(
         module: the module to wrap; it is never modified.
         encapsulator: optional ``f(fmodule, module)`` run once on the new patched module, e.g.
             to give it initial fast weights with ``fmodule.update_params``.
-        num_tasks, randomness: see ``monkeypatch``.
+        num_tasks, randomness, batching: see ``monkeypatch``.
         device: the device fast weights must be on (default: the module's).
 
     Returns:
@@ -747,7 +796,7 @@ def make_functional(
     if not isinstance(module, _nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(module).__name__}")
     try:
-        fmodule = _MonkeyPatchBase(module, num_tasks, device, randomness)
+        fmodule = _MonkeyPatchBase(module, num_tasks, device, randomness, batching)
     except Exception:
         # (Checked only on failure: patching stays one pass over the tree.)
         inner = next((n for n, m in module.named_modules() if type(m) is _MonkeyPatchBase), None)
@@ -795,6 +844,7 @@ def monkeypatch(
     track_higher_grads: bool = True,
     num_tasks: Optional[int] = None,
     randomness: str = "different",
+    batching: str = "auto",
 ) -> _MonkeyPatchBase:
     """Wrap ``module`` so that it runs on fast weights that optimizers can update differentiably.
 
@@ -824,13 +874,20 @@ def monkeypatch(
         randomness: with ``num_tasks``, how random ops (dropout) draw across tasks, with
             ``torch.vmap``'s meanings: ``"different"`` (the default: each task its own mask,
             as a loop over tasks does), ``"same"`` or ``"error"``.
+        batching: with ``num_tasks``, how the tasks run: ``"auto"`` (the default: one
+            ``torch.vmap`` call where vmap can run the module and is faster, else a loop, as
+            described above), ``"vmap"`` (always vmap; what vmap cannot run raises instead of
+            falling back) or ``"loop"`` (a Python loop over tasks). Every mode gives each task
+            what a separate patch of it would hold (see docs/batching.md).
 
     Returns:
         The patched module (a ``_MonkeyPatchBase``); call it like ``module``, optionally with
         ``params=``.
 
     Raises:
-        ValueError: ``module`` is already patched, or ``num_tasks`` is not a positive int.
+        ValueError: ``module`` is already patched, ``num_tasks`` is not a positive int, or
+            ``batching`` is not one of ``"auto"``, ``"vmap"``, ``"loop"`` (or is given without
+            ``num_tasks``).
         TypeError: ``copy_initial_weights`` or ``track_higher_grads`` is not a bool.
 
     Example (batched):
@@ -859,7 +916,12 @@ def monkeypatch(
         fmodule._record(params)  # made from the module's own parameters: nothing to check
 
     fmodule = make_functional(
-        module, encapsulator=encapsulator, num_tasks=num_tasks, device=device, randomness=randomness
+        module,
+        encapsulator=encapsulator,
+        num_tasks=num_tasks,
+        device=device,
+        randomness=randomness,
+        batching=batching,
     )
     fmodule.track_higher_grads = track_higher_grads
     return fmodule

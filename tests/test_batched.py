@@ -133,6 +133,7 @@ def run_batched(
     steps: int,
     override: dict | None = None,
     first_order: bool = False,
+    batching: str = "auto",
 ) -> Outcome:
     num_tasks = support[0].shape[0]
     _clear_grads(model)
@@ -143,6 +144,7 @@ def run_batched(
         override=override,
         num_tasks=num_tasks,
         first_order=first_order,
+        batching=batching,
     ) as (fmodel, diffopt):
         for _ in range(steps):
             diffopt.step(losses_of(fmodel(*support)))

@@ -61,13 +61,16 @@ def tasks_of(inputs: tuple, num_tasks: int, seed: int) -> tuple:
 
 @pytest.mark.filterwarnings("ignore::higher_func.BatchingFallbackWarning")
 @pytest.mark.filterwarnings(SDPA_FALLBACK)
+@pytest.mark.parametrize("batching", ["auto", "loop"])
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_batched_equals_the_loop_over_the_zoo(name):
+def test_batched_equals_the_loop_over_the_zoo(name, batching):
     case = CASES[name]()
     support, query = tasks_of(case.inputs, 3, 1), tasks_of(case.inputs, 3, 2)
     opt = torch.optim.SGD(case.model.parameters(), lr=0.05, momentum=0.5)
     first_order = name in NOT_TWICE_DIFFERENTIABLE
-    batched = run_batched(case.model, opt, support, query, steps=2, first_order=first_order)
+    batched = run_batched(
+        case.model, opt, support, query, steps=2, first_order=first_order, batching=batching
+    )
     looped = run_looped(case.model, opt, support, query, steps=2, first_order=first_order)
     assert_same_outcome(batched, looped)
 
@@ -75,7 +78,7 @@ def test_batched_equals_the_loop_over_the_zoo(name):
 @pytest.mark.filterwarnings("ignore::higher_func.BatchingFallbackWarning")
 @pytest.mark.filterwarnings(SDPA_FALLBACK)
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_the_choice_is_made_once_and_visible(name, monkeypatch):
+def test_the_choice_is_made_once_and_visible(name):
     case = CASES[name]()
     fmodel = higher_func.monkeypatch(case.model, copy_initial_weights=False, num_tasks=2)
     expected = "loop" if name in LOOPED_AT_PATCH_TIME else "vmap"
@@ -85,13 +88,30 @@ def test_the_choice_is_made_once_and_visible(name, monkeypatch):
     fmodel(*xs)
     expected = "loop" if name in LOOPED_AT_PATCH_TIME | SWITCH_AT_FIRST_CALL else "vmap"
     assert higher_func.patch.batching(fmodel).mode == expected
-    # Decided for good: a looped patch never tries vmap again.
-    attempts = []
-    vmap = _batching.TaskBatch._vmap
-    monkeypatch.setattr(_batching.TaskBatch, "_vmap", lambda *a: attempts.append(1) or vmap(*a))
-    fmodel(*xs)
-    assert len(attempts) == (expected == "vmap")
+    # Decided for good: a looped patch never tries vmap again (a failed vmap attempt would
+    # run the forward once more than the loop's one call per task).
+    calls = _Calls()
+    handle = case.model.register_forward_pre_hook(calls.count)
+    try:
+        counted = higher_func.monkeypatch(case.model, copy_initial_weights=False, num_tasks=2)
+    finally:
+        handle.remove()
+    counted(*xs)
+    calls.n = 0
+    counted(*xs)
+    assert calls.n == (1 if expected == "vmap" else 2)
     assert higher_func.monkeypatch(case.model, num_tasks=2).num_tasks == 2
+
+
+class _Calls:
+    """Counts a module's calls (a plain object: a hook that wrote into a captured list or
+    dict would be refused by a batched patch)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def count(self, module: nn.Module, inputs: tuple) -> None:
+        self.n += 1
 
 
 def test_switching_warns_once_naming_the_reason(fresh_warnings):
@@ -184,12 +204,11 @@ def test_conv_with_batchnorm_loops_on_cpu():
     assert higher_func.patch.batching(fmodel).mode == "vmap"
 
 
-def test_conv_with_batchnorm_vmapped_equals_the_loop(monkeypatch):
-    monkeypatch.setattr(_batching, "_loop_is_faster", lambda module, device: None)
+def test_conv_with_batchnorm_vmapped_equals_the_loop():
     case = ZOO["conv_bn"]()
     support, query = tasks_of(case.inputs, 3, 1), tasks_of(case.inputs, 3, 2)
     opt = torch.optim.SGD(case.model.parameters(), lr=0.05, momentum=0.5)
-    batched = run_batched(case.model, opt, support, query, steps=2)
+    batched = run_batched(case.model, opt, support, query, steps=2, batching="vmap")
     assert_same_outcome(batched, run_looped(case.model, opt, support, query, steps=2))
 
 
@@ -209,17 +228,12 @@ class _Masked(nn.Module):
 
 
 @pytest.fixture(params=["vmap", "loop"])
-def masked(request, monkeypatch, fresh_warnings):
+def masked(request):
     torch.manual_seed(0)
     model = _Masked().double()
-    if request.param == "loop":  # the same rule in the looped path
-        monkeypatch.setattr(
-            _batching, "_unbatchable", lambda module: "test" if module is model else None
-        )
-        with pytest.warns(BatchingFallbackWarning):
-            fmodel = higher_func.monkeypatch(model, copy_initial_weights=False, num_tasks=3)
-    else:
-        fmodel = higher_func.monkeypatch(model, copy_initial_weights=False, num_tasks=3)
+    fmodel = higher_func.monkeypatch(
+        model, copy_initial_weights=False, num_tasks=3, batching=request.param
+    )
     assert higher_func.patch.batching(fmodel).mode == request.param
     stacked = [p.detach() + 0.1 * torch.randn(3, *p.shape, dtype=DTYPE) for p in model.parameters()]
     fmodel.update_params(stacked)
@@ -273,25 +287,15 @@ def _dropout_model() -> nn.Module:
     return nn.Sequential(nn.Linear(4, 64), nn.Dropout(0.5)).double()
 
 
-def _loop_over_dropout(patcher: pytest.MonkeyPatch) -> None:
-    """Make patches of models with Dropout loop over tasks, as if vmap could not run them."""
-    patcher.setattr(
-        _batching, "_unbatchable", lambda m: "test" if isinstance(m, nn.Dropout) else None
-    )
-
-
 def _masks(fmodel, x) -> torch.Tensor:
     """Which outputs each task dropped, for one input shared by all tasks."""
     return fmodel(x, in_dims=(None,)) == 0
 
 
 @pytest.mark.parametrize("mode", ["vmap", "loop"])
-def test_default_randomness_draws_each_task_its_own_mask(mode, monkeypatch, fresh_warnings):
+def test_default_randomness_draws_each_task_its_own_mask(mode):
     model = _dropout_model()
-    if mode == "loop":
-        _loop_over_dropout(monkeypatch)
-    with pytest.warns(BatchingFallbackWarning) if mode == "loop" else _no_warning():
-        fmodel = higher_func.monkeypatch(model, num_tasks=8)
+    fmodel = higher_func.monkeypatch(model, num_tasks=8, batching=mode)
     assert higher_func.patch.batching(fmodel).mode == mode
     masks = _masks(fmodel, torch.ones(200, 4, dtype=DTYPE))
     rates = masks.double().flatten(1).mean(1)
@@ -305,11 +309,7 @@ def test_looped_randomness_is_the_loops_own():
     # With the same seed, the looped fallback draws exactly what a plain loop draws.
     model = _dropout_model()
     x = torch.ones(50, 4, dtype=DTYPE)
-    with pytest.MonkeyPatch.context() as patch:
-        _loop_over_dropout(patch)
-        patch.setattr(_batching, "_warned", set())
-        with pytest.warns(BatchingFallbackWarning):
-            fmodel = higher_func.monkeypatch(model, num_tasks=3)
+    fmodel = higher_func.monkeypatch(model, num_tasks=3, batching="loop")
     torch.manual_seed(7)
     batched = fmodel(x, in_dims=(None,))
     torch.manual_seed(7)
@@ -319,17 +319,14 @@ def test_looped_randomness_is_the_loops_own():
 
 
 @pytest.mark.parametrize("mode", ["vmap", "loop"])
-def test_same_and_error_randomness(mode, monkeypatch, fresh_warnings):
+def test_same_and_error_randomness(mode):
     model = _dropout_model()
-    if mode == "loop":
-        _loop_over_dropout(monkeypatch)
-        monkeypatch.setattr(_batching, "_warn_once", lambda key, message: None)
     x = torch.ones(100, 4, dtype=DTYPE)
-    same = higher_func.monkeypatch(model, num_tasks=4, randomness="same")
+    same = higher_func.monkeypatch(model, num_tasks=4, randomness="same", batching=mode)
     masks = _masks(same, x)
     assert 0.3 < masks.double().mean() < 0.7
     assert all(torch.equal(masks[0], masks[t]) for t in range(4))
-    strict = higher_func.monkeypatch(model, num_tasks=4, randomness="error")
+    strict = higher_func.monkeypatch(model, num_tasks=4, randomness="error", batching=mode)
     with pytest.raises(RuntimeError, match="random"):
         strict(x, in_dims=(None,))
     strict.eval()
@@ -344,14 +341,6 @@ def test_randomness_reaches_innerloop_ctx():
     with higher_func.innerloop_ctx(model, opt, num_tasks=3, randomness="same") as (fmodel, _):
         masks = _masks(fmodel, torch.ones(30, 4, dtype=DTYPE))
         assert torch.equal(masks[0], masks[1]) and torch.equal(masks[0], masks[2])
-
-
-class _no_warning:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 # ---------------------------------------------------------------------------------------------
