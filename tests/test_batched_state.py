@@ -11,6 +11,7 @@ slice of the inputs; outputs, the attributes read afterwards, meta-gradients and
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, List, NamedTuple, Tuple
 
 import pytest
@@ -533,7 +534,10 @@ def test_two_threads_leave_the_attention_fast_path_as_it_was() -> None:
 
     assert torch.backends.mha.get_fastpath_enabled()
     threads = [threading.Thread(target=work) for _ in range(4)]
-    with pytest.warns(UserWarning, match="performance drop"):  # SDPA's generic vmap rule
+    with warnings.catch_warnings():
+        # SDPA's generic vmap rule warns of a performance drop when torch's fused kernel runs
+        # (tracked patches compute attention with the math kernel instead: no warning then).
+        warnings.filterwarnings("ignore", message=".*performance drop", category=UserWarning)
         for thread in threads:
             thread.start()
         for thread in threads:
