@@ -84,8 +84,28 @@ class Plan:
         self._keep = keep  # the objects whose ids the sets hold
 
 
+def _torch_functions() -> Set[int]:
+    """The ids of torch's own public functions (``F.relu``, ``torch.tanh``...).
+
+    They are the library's code, not the model's: their globals are torch's, so they cannot
+    reach a user's module, and a module may hold one (``self.activation = F.relu``). Kept as
+    ids because a membership test of an id is what Dynamo can trace when a patch is built in a
+    compiled meta-step (it cannot read such a function's code or ``__dict__``).
+    """
+    namespaces = (torch, torch.nn.functional, torch.nn.init, torch.linalg, torch.special)
+    return {
+        id(value)
+        for namespace in namespaces
+        for value in vars(namespace).values()
+        if isinstance(value, (types.FunctionType, types.BuiltinFunctionType))
+    }
+
+
+_TORCH_FUNCTIONS = _torch_functions()
+
+
 def _is_leaf(obj: Any) -> bool:
-    return type(obj) in LEAVES or isinstance(obj, type)
+    return type(obj) in LEAVES or isinstance(obj, type) or id(obj) in _TORCH_FUNCTIONS
 
 
 def _data(obj: Any) -> Tuple[List[Any], bool]:
