@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 import torch
 from torch import nn
 
-from ._compat import BatchNorm, is_compiling, pytree
+from ._compat import BatchNorm, attention_fastpath_off, autocast_enabled, is_compiling, pytree
 from ._tree import ModuleTree
 
 _warned: set = set()
@@ -118,18 +118,6 @@ def _is_vmap_limit(error: BaseException) -> bool:
         return False
     message = str(error)
     return any(limit in message for limit in _VMAP_LIMITS)
-
-
-@contextlib.contextmanager
-def attention_fastpath_off() -> Iterator[None]:
-    # torch.backends.mha's switch is process-wide: while it is off, other threads' attention
-    # modules take their general path too (same results, not the fused kernel).
-    before = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(before)
 
 
 _MISSING = object()
@@ -378,7 +366,7 @@ class TaskBatch:
         device = next((t.device for t in (*params, *buffers)), None)
         inputs = self.inputs(args, kwargs, device)
         # vmap drops autocast for some ops (F.linear with a bias in torch 2.13): loop instead.
-        autocast = device is not None and torch.is_autocast_enabled(device.type)
+        autocast = device is not None and autocast_enabled(device.type)
         if autocast:
             _warn_once(
                 ("autocast",),

@@ -9,7 +9,6 @@ from typing import Any, Callable, Optional
 import torch
 
 from . import _compat
-from ._batching import attention_fastpath_off
 
 # A zero that requires grad, made outside any compiled region. Weights that eager code makes
 # into new leaves (``detach().requires_grad_()``: the copies of copy_initial_weights=True, and
@@ -93,7 +92,7 @@ def compile(fn: Optional[Callable[..., Any]] = None, **compile_kwargs: Any) -> C
         # The attention fast path is off for the whole compiled call: batched patches turn
         # it off around each vmapped call in eager code (see _batching), which Dynamo does not
         # trace.
-        with _compat.tracing_autograd(), _tracing_rnns(), attention_fastpath_off():
+        with _compat.tracing_autograd(), _tracing_rnns(), _compat.attention_fastpath_off():
             return compiled(*args, **kwargs)
 
     return run

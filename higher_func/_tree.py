@@ -22,16 +22,14 @@ from __future__ import annotations
 
 import collections
 import functools
-import sys
 import types
 import weakref
 from typing import Any, Dict, Iterator, List, Sequence, Tuple
 
 import torch
-import torch.utils.checkpoint
 from torch import nn
 
-from ._compat import is_compiling
+from ._compat import inside_checkpoint, is_compiling
 
 # nn.Module's own bookkeeping containers (parameters, buffers, children, hooks, the set of
 # non-persistent buffers): each copy gets its own, so nothing done to a copy reaches the
@@ -43,8 +41,6 @@ _BOOKKEEPING_SET = frozenset(_BOOKKEEPING)
 _HOOK_DICTS_SET = frozenset(key for key in _BOOKKEEPING if key.endswith("hooks"))
 
 _Slot = Tuple[Dict[str, Any], str, int]  # (the dict holding it, key, index among distinct)
-
-_CHECKPOINT_HOOKS = ("_checkpoint_hook.", "_recomputation_hook.")
 
 
 @functools.lru_cache(maxsize=4096)
@@ -67,24 +63,8 @@ def _mentions_checkpoint(cls: type) -> bool:
     return False
 
 
-def _inside_checkpoint() -> bool:
-    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
-    if hooks is not None:  # non-reentrant checkpointing packs saved tensors with its hooks
-        return hooks[0].__qualname__.startswith(_CHECKPOINT_HOOKS)
-    if torch.is_grad_enabled():
-        return False
-    # Reentrant checkpointing runs the forward under no_grad inside its autograd.Function.
-    reentrant = torch.utils.checkpoint.CheckpointFunction.forward.__code__
-    frame = sys._getframe(2)
-    while frame is not None:
-        if frame.f_code is reentrant:
-            return True
-        frame = frame.f_back
-    return False
-
-
 def _refuse_checkpoint(module: nn.Module, args: Any) -> None:
-    if _inside_checkpoint():
+    if inside_checkpoint():
         raise RuntimeError(
             f"torch.utils.checkpoint around {type(module).__name__} inside a patched module: "
             "its recomputation during the meta-backward would read the latest fast weights, "
