@@ -38,6 +38,7 @@ __all__ = [
     "MIN_TORCH",
     "TRACE_AUTOGRAD_OPS",
     "can_trace_autograd",
+    "foreach_differentiable",
     "inside_checkpoint",
     "is_compiling",
     "pytree",
@@ -220,6 +221,26 @@ def inside_checkpoint() -> bool:
             return True
         frame = frame.f_back
     return False
+
+
+@functools.lru_cache(maxsize=None)
+def foreach_differentiable() -> bool:
+    """Whether autograd can differentiate torch's multi-tensor ``torch._foreach_*`` ops.
+
+    torch 2.0 runs them on tensors that require grad but has no derivative for them ("derivative
+    for aten::_foreach_add is not implemented" at backward); torch 2.1 added them. Asked once,
+    of the op itself.
+
+    Example:
+        >>> foreach_differentiable()  # torch 2.13
+        True
+    """
+    x = torch.ones(1, requires_grad=True)
+    try:
+        torch.autograd.grad(torch._foreach_mul([x], 2.0)[0].sum(), x)
+    except RuntimeError:
+        return False
+    return True
 
 
 #: ``autocast_enabled(device_type)``: whether autocast is on for that device type.

@@ -56,7 +56,7 @@ from . import _compile, _numerics, _rules
 from . import patch as _patch
 from ._batching import check_num_tasks
 from ._checks import check_bool, check_task
-from ._compat import is_compiling
+from ._compat import foreach_differentiable, is_compiling
 from ._hyperparams import apply_trainable_opt_params, get_trainable_opt_params
 from ._numerics import get_numerics, numerics
 from ._overrides import (
@@ -185,6 +185,10 @@ class DifferentiableOptimizer:
                 for i, p in enumerate(group["params"]):
                     if other.state.get(p):
                         self.state[g][i] = import_state(other.state[p], device, self.num_tasks)
+        # The options the copied optimizer's torch.optim class has. A group may hold a key its
+        # torch.optim ignores (``maximize`` in torch 2.0's NAdam, written into a group by
+        # hand): the rule ignores it too, and takes its default, as that torch.optim does.
+        self._options = frozenset(other.defaults)
         self._num_params = len(fast_weights)
         self._one_group_in_order = self._group_to_param_list == [list(range(len(fast_weights)))]
         # Whether step()'s fast weights are the patched module's, in its order and shapes.
@@ -408,7 +412,7 @@ class DifferentiableOptimizer:
         mode = _numerics.get_numerics()
         update = rule.select(mode)
         for group, grads, states in zip(self.param_groups, grouped_grads, self.state):
-            hyper = {k: group[k] for k in rule.hyperparameters if k in group}
+            hyper = {k: group[k] for k in rule.hyperparameters if k in group and k in self._options}
             # The task count when some hyperparameter holds one value per task, else None.
             per_task = self.num_tasks
             if per_task is not None and not has_per_task(hyper, per_task):
@@ -451,10 +455,12 @@ class DifferentiableOptimizer:
         included, where the single-tensor ops save none: tracked, the multi-tensor steps kept
         a copy of every step's gradients alive until the meta-backward (peak memory of a W1
         meta-step +49%, of a W3 one +73%) for a 2% (SGD) to 30% (Adam) faster legacy loop.
+        torch 2.0 cannot differentiate those ops at all, so there tracked steps always take the
+        single-tensor rule.
         """
         choice = group.get("foreach")
         if choice is not None:
-            return bool(choice)
+            return bool(choice) and (not self._track_higher_grads or foreach_differentiable())
         return not self._track_higher_grads
 
     # -- overrides ---------------------------------------------------------------------------------
