@@ -12,6 +12,8 @@ import sys
 import pytest
 import torch
 
+from higher_func import _compat
+
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 if EXAMPLES not in sys.path:
     sys.path.insert(0, EXAMPLES)
@@ -91,6 +93,10 @@ def test_hyperparameter_learning(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(
+    not _compat.can_trace_autograd(),
+    reason=f"higher_func.compile needs torch >= {_compat.MIN_TORCH}, this is {torch.__version__}",
+)
 @pytest.mark.parametrize("mode", ["batched", "loop"])
 def test_compile_maml(tmp_path, mode):
     import compile_maml
