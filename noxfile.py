@@ -6,7 +6,8 @@ import os
 
 import nox
 
-TORCH = "torch==2.13.0"  # pinned first: an unpinned torch pulls a multi-GB CUDA build
+PINNED = "2.13.0"  # the torch CI and the default sessions run
+TORCH = f"torch=={PINNED}"  # pinned first: an unpinned torch pulls a multi-GB CUDA build
 LINTED = ["higher_func", "tests", "benchmarks", "examples", "noxfile.py", "conftest.py"]
 
 nox.options.sessions = ["tests", "lint", "doctests", "typecheck"]
@@ -16,7 +17,7 @@ nox.options.sessions = ["tests", "lint", "doctests", "typecheck"]
 COMPAT = [
     ("3.9", "2.0.1"),
     ("3.10", "2.4.1"),
-    ("3.11", "2.13.0"),
+    ("3.11", PINNED),
     ("3.13", "2.15.0"),
 ]
 

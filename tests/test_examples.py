@@ -121,4 +121,4 @@ def test_distributed_maml_in_one_process(tmp_path, monkeypatch):
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     distributed_maml.main(["--steps", "3", "--tasks", "4", "--out", str(tmp_path)])
-    make_model().load_state_dict(torch.load(tmp_path / "distributed_maml.pt"))
+    make_model().load_state_dict(torch.load(tmp_path / "distributed_maml.pt", weights_only=True))
