@@ -15,7 +15,17 @@ import functools
 import inspect
 import sys
 import types
-from typing import TYPE_CHECKING, Any, Callable, FrozenSet, Iterator, List, Mapping, Optional
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    FrozenSet,
+    Iterator,
+    List,
+    Mapping,
+    Optional,
+    Tuple,
+)
 
 import torch
 import torch.backends
@@ -30,6 +40,7 @@ from torch.overrides import TorchFunctionMode
 # torch's pytree (tree_flatten, tree_unflatten, tree_map, tree_leaves), which vmap and Dynamo
 # understand. Private since torch 1.x; torch 2.13 still has no public ``torch.utils.pytree``.
 from torch.utils import _pytree
+from torch.utils.hooks import RemovableHandle
 
 __all__ = [
     "BatchNorm",
@@ -39,9 +50,11 @@ __all__ = [
     "TRACE_AUTOGRAD_OPS",
     "can_trace_autograd",
     "foreach_differentiable",
+    "handle_extra_dicts",
     "inside_checkpoint",
     "is_compiling",
     "pytree",
+    "set_handle_extra_dicts",
     "tracing_autograd",
 ]
 
@@ -241,6 +254,31 @@ def foreach_differentiable() -> bool:
     except RuntimeError:
         return False
     return True
+
+
+def handle_extra_dicts(handle: RemovableHandle) -> Tuple[Any, ...]:
+    """The weak references to the extra dicts ``handle.remove()`` also deletes its hook from.
+
+    torch 2.0 keeps one weak reference (or None) in ``extra_dict_ref``; newer releases keep a
+    tuple of them. Read and written only through this and ``set_handle_extra_dicts``.
+
+    Example:
+        >>> handle = torch.nn.Linear(1, 1).register_forward_hook(lambda *args: None)
+        >>> handle_extra_dicts(handle)
+        ()
+    """
+    refs = handle.extra_dict_ref
+    if isinstance(refs, tuple):
+        return refs
+    return () if refs is None else (refs,)
+
+
+def set_handle_extra_dicts(handle: RemovableHandle, refs: Tuple[Any, ...]) -> None:
+    """Store ``refs`` (weak references) as ``handle``'s extra dicts, in its torch's form."""
+    if isinstance(handle.extra_dict_ref, tuple):
+        handle.extra_dict_ref = tuple(refs)
+    else:  # torch 2.0: at most one
+        handle.extra_dict_ref = refs[0] if refs else None
 
 
 #: ``autocast_enabled(device_type)``: whether autocast is on for that device type.

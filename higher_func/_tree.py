@@ -29,7 +29,12 @@ from typing import Any, Dict, Iterator, List, Sequence, Tuple
 import torch
 from torch import nn
 
-from ._compat import inside_checkpoint, is_compiling
+from ._compat import (
+    handle_extra_dicts,
+    inside_checkpoint,
+    is_compiling,
+    set_handle_extra_dicts,
+)
 
 # nn.Module's own bookkeeping containers (parameters, buffers, children, hooks, the set of
 # non-persistent buffers): each copy gets its own, so nothing done to a copy reaches the
@@ -166,9 +171,9 @@ class _Private:
         new = object.__new__(type(handle))
         new.__dict__.update(handle.__dict__)
         new.hooks_dict_ref = weakref.ref(hooks)
-        new.extra_dict_ref = tuple(
-            weakref.ref(self._containers.get(id(ref()), ref())) for ref in handle.extra_dict_ref
-        )
+        extras = handle_extra_dicts(handle)
+        refs = tuple(weakref.ref(self._containers.get(id(ref()), ref())) for ref in extras)
+        set_handle_extra_dicts(new, refs)
         return new
 
     def own(self, copy: nn.Module, shared: List[str]) -> None:

@@ -98,3 +98,21 @@ def test_compile_names_the_torch_it_needs():
     with pytest.raises(RuntimeError, match=f"needs torch >= {_compat.MIN_TORCH}") as info:
         higher_func.compile(lambda x: x)
     assert torch.__version__ in str(info.value)
+
+
+def test_handle_extra_dicts_round_trip_and_remove_still_cleans_them():
+    import collections
+    import weakref
+
+    from torch.utils.hooks import RemovableHandle
+
+    # OrderedDicts, as modules keep their hooks in (a plain dict cannot be weakly referenced).
+    hooks, extra, other = (collections.OrderedDict() for _ in range(3))
+    handle = RemovableHandle(hooks, extra_dict=extra)
+    hooks[handle.id] = extra[handle.id] = other[handle.id] = "hook"
+    (ref,) = _compat.handle_extra_dicts(handle)
+    assert ref() is extra
+    _compat.set_handle_extra_dicts(handle, (weakref.ref(other),))
+    handle.remove()
+    assert not hooks and not other and extra  # the new extra dict is the one cleaned
+    assert _compat.handle_extra_dicts(RemovableHandle(collections.OrderedDict())) == ()
