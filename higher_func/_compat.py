@@ -263,9 +263,10 @@ def handle_extra_dicts(handle: RemovableHandle) -> Tuple[Any, ...]:
     tuple of them. Read and written only through this and ``set_handle_extra_dicts``.
 
     Example:
-        >>> handle = torch.nn.Linear(1, 1).register_forward_hook(lambda *args: None)
-        >>> handle_extra_dicts(handle)
-        ()
+        >>> layer = torch.nn.Linear(1, 1)
+        >>> handle = layer.register_forward_hook(lambda *args: None)
+        >>> all(ref() is not None for ref in handle_extra_dicts(handle))
+        True
     """
     refs = handle.extra_dict_ref
     if isinstance(refs, tuple):
