@@ -5,7 +5,11 @@ with a note on why no public name does the job and since when it has existed. Wh
 release moves or renames one, this file is the only one to change, and the tests of the
 modules that use it say which.
 
-Tested with torch 2.13.0; ``MIN_TORCH`` is the oldest torch ``higher_func.compile`` can run on.
+It is also where the library meets older and newer torch releases: every check of what the
+installed torch can do, and every shim for a torch that does it differently, lives here,
+with the release that changed it. Supported: torch 2.0 to the newest release (``nox -s
+compat``; the canaries are in ``tests/test_compat.py``). ``MIN_TORCH`` is the oldest torch
+``higher_func.compile`` can run on.
 """
 
 from __future__ import annotations
