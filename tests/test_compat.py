@@ -116,3 +116,21 @@ def test_handle_extra_dicts_round_trip_and_remove_still_cleans_them():
     handle.remove()
     assert not hooks and not other and extra  # the new extra dict is the one cleaned
     assert _compat.handle_extra_dicts(RemovableHandle(collections.OrderedDict())) == ()
+
+
+def test_a_group_key_the_torch_optim_class_lacks_is_ignored_as_it_ignores_it():
+    # As torch 2.0's NAdam ignores a `maximize` written into its groups (it has no such
+    # option), so does the differentiable copy; simulated here by a class without it.
+    class NoMaximize(torch.optim.SGD):
+        def __init__(self, params, lr):
+            super().__init__(params, lr=lr)
+            del self.defaults["maximize"]
+            for group in self.param_groups:
+                group["maximize"] = True  # written by hand, unknown to the class
+
+    higher_func.optim.register_optim(NoMaximize, higher_func.optim.DifferentiableSGD)
+    weight = torch.ones(2, requires_grad=True)
+    opt = NoMaximize([weight], lr=0.1)
+    diffopt = higher_func.optim.get_diff_optim(opt, [weight])
+    (new,) = diffopt.step((weight**2).sum(), params=[weight])
+    torch.testing.assert_close(new, weight - 0.1 * 2 * weight)  # minimised, not maximised
