@@ -29,7 +29,16 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 import torch
 from torch import nn
 
-from ._compat import VMAP_LIMITS, BatchNorm, ConvNd, is_compiling, pytree, user_stacklevel
+from ._compat import (
+    VMAP_LIMITS,
+    BatchNorm,
+    ConvNd,
+    autocast_enabled,
+    is_compiling,
+    pytree,
+    user_stacklevel,
+)
+from ._compat import attention_fastpath_off as _fastpath_off_in_this_thread
 from ._task_state import ABSENT, Captured, PerTaskError, TaskState, rebuild, split, stack_values
 from ._tree import ModuleTree
 
@@ -131,6 +140,11 @@ class _FastpathSwitch:
 
     @contextlib.contextmanager
     def off(self) -> Iterator[None]:
+        if getattr(torch.backends, "mha", None) is None:
+            # torch < 2.2 has no switch: a pass-through mode in this thread does it there.
+            with _fastpath_off_in_this_thread():
+                yield
+            return
         with self._lock:
             if self._users == 0:
                 self._before = torch.backends.mha.get_fastpath_enabled()
@@ -360,7 +374,7 @@ class TaskBatch:
             self._state = TaskState(tree.root.named_modules(), self.size, tree.buffer_slot_keys)
             self._captured = Captured(tree.root.named_modules())
         # vmap drops autocast for some ops (F.linear with a bias in torch 2.13): loop instead.
-        autocast = device is not None and torch.is_autocast_enabled(device.type)
+        autocast = device is not None and autocast_enabled(device.type)
         if autocast and self.batching == "vmap":
             raise RuntimeError(
                 "batching='vmap' under torch.autocast: torch.vmap does not apply autocast to "

@@ -56,7 +56,7 @@ from . import _compile, _numerics, _rules
 from . import patch as _patch
 from ._batching import check_num_tasks
 from ._checks import check_bool, check_task
-from ._compat import is_compiling, pytree
+from ._compat import foreach_differentiable, is_compiling, pytree
 from ._hyperparams import apply_trainable_opt_params, get_trainable_opt_params
 from ._numerics import get_numerics, numerics, set_numerics
 from ._overrides import (
@@ -191,6 +191,10 @@ class DifferentiableOptimizer:
                         self.state[g][i] = import_state(
                             other.state[p], device, self.num_tasks, tensor_step
                         )
+        # The options the copied optimizer's torch.optim class has. A group may hold a key its
+        # torch.optim ignores (``maximize`` in torch 2.0's NAdam, written into a group by
+        # hand): the rule ignores it too, and takes its default, as that torch.optim does.
+        self._options = frozenset(other.defaults)
         self._num_params = len(fast_weights)
         self._one_group_in_order = self._group_to_param_list == [list(range(len(fast_weights)))]
         # Whether step()'s fast weights are the patched module's, in its order and shapes.
@@ -416,7 +420,7 @@ class DifferentiableOptimizer:
         for index, (group, grads, states) in enumerate(
             zip(self.param_groups, grouped_grads, self.state)
         ):
-            hyper = {k: group[k] for k in rule.hyperparameters if k in group}
+            hyper = {k: group[k] for k in rule.hyperparameters if k in group and k in self._options}
             if any(v is None for v in hyper.values()):
                 unset = [k for k, v in hyper.items() if v is None]
                 raise TypeError(
@@ -467,10 +471,12 @@ class DifferentiableOptimizer:
         a copy of every step's gradients alive until the meta-backward (peak memory of a W1
         meta-step +49%, of a W3 one +73%) for a faster legacy loop (W3, Adam: 1.48x higher's
         speed instead of 1.18x; docs/benchmarks.md).
+        torch 2.0 cannot differentiate those ops at all, so there tracked steps always take the
+        single-tensor rule.
         """
         choice = group.get("foreach")
         if choice is not None:
-            return bool(choice)
+            return bool(choice) and (not self._track_higher_grads or foreach_differentiable())
         return not self._track_higher_grads
 
     # -- overrides ---------------------------------------------------------------------------------

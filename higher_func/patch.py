@@ -392,10 +392,15 @@ class _MonkeyPatchBase:
             )
         check_task(task, self.num_tasks, "patched module")
         tree = self._hf_tree
-        state = tree.root.state_dict(prefix=prefix, keep_vars=True)
+        # state_dict() sets a `_metadata` attribute on the dict it makes, which torch 2.15's
+        # Dynamo cannot trace; into a dict it is given, it sets none (and nothing reads the
+        # metadata of a state dict made inside a compiled meta-step).
+        state = tree.root.state_dict(destination=_new_state_dict(), prefix=prefix, keep_vars=True)
         if tree.buffers_as_attributes:  # in the order of the module's own state_dict
             state.update(zip([prefix + n for n in tree.buffer_names], tree.read_buffers()))
-            order = self._hf_module.state_dict(prefix=prefix, keep_vars=True)
+            order = self._hf_module.state_dict(
+                destination=_new_state_dict(), prefix=prefix, keep_vars=True
+            )
             state = type(state)((k, state[k]) for k in order if k in state)
         for key, tensor in state.items():
             if isinstance(tensor, _torch.Tensor):
@@ -929,3 +934,9 @@ def monkeypatch(
 
 # Keep `higher.patch`'s type names importable for code that annotates with them.
 _BufferType = Dict[str, Optional[_torch.Tensor]]
+
+
+def _new_state_dict() -> Optional[Dict[str, Any]]:
+    """Where ``state_dict`` collects: its own dict in eager code, a plain one while compiling
+    (dicts keep their order; torch 2.15's Dynamo cannot look for attributes on an OrderedDict)."""
+    return {} if _is_compiling() else None

@@ -16,7 +16,14 @@ from zoo import (
 )
 
 import higher_func
-from higher_func import _compile
+from higher_func import _compat, _compile
+
+# Compiled meta-steps need Dynamo's trace_autograd_ops; on an older torch,
+# higher_func.compile is a clear error instead (tests/test_compat.py).
+pytestmark = pytest.mark.skipif(
+    not _compat.can_trace_autograd(),
+    reason=f"higher_func.compile needs torch >= {_compat.MIN_TORCH}, this is {torch.__version__}",
+)
 
 TASKS, SHOTS, STEPS = 3, 4, 2
 

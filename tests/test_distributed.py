@@ -88,7 +88,10 @@ def two_ranks(tmp_path_factory):
     """What each of two gloo processes computed (one spawn for all the tests below)."""
     out_dir = str(tmp_path_factory.mktemp("ranks"))
     mp.spawn(worker, args=(free_port(), out_dir), nprocs=WORLD_SIZE, join=True)
-    return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD_SIZE)]
+    return [
+        torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True)
+        for r in range(WORLD_SIZE)
+    ]
 
 
 def test_sharded_meta_gradient_equals_the_single_process_one(two_ranks):
@@ -130,5 +133,5 @@ def test_torchrun_launch(tmp_path):
     done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "weights identical on all 2 ranks: True" in done.stdout
-    state = torch.load(tmp_path / "distributed_maml.pt")
+    state = torch.load(tmp_path / "distributed_maml.pt", weights_only=True)
     make_model().load_state_dict(state)

@@ -98,7 +98,7 @@ def test_optimizer_instance_or_name_where_a_class_is_expected_names_the_mistake(
 def test_register_optim_rejects_what_is_not_an_optimizer_class():
     with pytest.raises(TypeError, match="optim_type must be a torch.optim.Optimizer subclass"):
         register_optim(
-            torch.optim.SGD([torch.zeros(1, requires_grad=True)]), DifferentiableOptimizer
+            torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1), DifferentiableOptimizer
         )
     with pytest.raises(TypeError, match="diff_optim_type must subclass DifferentiableOptimizer"):
         register_optim(UnknownSGD, object)

@@ -7,9 +7,14 @@ import pytest
 import torch
 
 import higher_func
+from higher_func import _compat
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+_COMPILES = pytest.mark.skipif(
+    not _compat.can_trace_autograd(),
+    reason=f"higher_func.compile needs torch >= {_compat.MIN_TORCH}, this is {torch.__version__}",
+)
 
 
 def _snippets(page):
@@ -21,7 +26,7 @@ def _cases():
         name = page.relative_to(ROOT).as_posix()
         for i, code in enumerate(_snippets(page)):
             # Compiling takes tens of seconds on a CPU: those snippets run with the slow cases.
-            marks = [pytest.mark.slow] if "compile" in code else []
+            marks = [pytest.mark.slow, _COMPILES] if "compile" in code else []
             yield pytest.param(f"{name}:snippet{i}", code, id=f"{name}:snippet{i}", marks=marks)
 
 

@@ -370,10 +370,25 @@ def _none_bias(dtype):
     return Case("", model, (x,), (bad,))
 
 
+class WeightNorm(nn.Module):
+    """torch's weight-norm parametrization (``parametrizations.weight_norm``, torch >= 2.1) for
+    torch 2.0: the same two originals, magnitude ``g`` then direction ``v``, same function."""
+
+    def forward(self, g: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return v * (g / v.norm(dim=1, keepdim=True))
+
+    def right_inverse(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return weight.norm(dim=1, keepdim=True), weight
+
+
+def _weight_normed(layer: nn.Linear) -> nn.Linear:
+    if hasattr(parametrizations, "weight_norm"):
+        return parametrizations.weight_norm(layer)
+    return parametrize.register_parametrization(layer, "weight", WeightNorm())
+
+
 def _weight_norm(dtype):
-    model = nn.Sequential(
-        parametrizations.weight_norm(nn.Linear(4, 6)), nn.Tanh(), nn.Linear(6, 3)
-    ).to(dtype)
+    model = nn.Sequential(_weight_normed(nn.Linear(4, 6)), nn.Tanh(), nn.Linear(6, 3)).to(dtype)
     x = _randn(5, 4, dtype=dtype)
     return Case("", model, (x,), (_one_more_feature(x),))
 
