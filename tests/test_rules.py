@@ -510,7 +510,13 @@ def test_trajectory_property(name, data):
         theirs = _run_torch(optimizer, loss_fn, leaves, STEPS)
         states = [{} for _ in params]
         ours, _ = _run_rule(name, hyper, loss_fn, [p.clone() for p in params], states, STEPS)
-    _assert_trajectories_close(ours, theirs, **TOLERANCES[dtype])
+    tolerance = TOLERANCES[dtype]
+    if name == "nadam":
+        # NAdam keeps mu_product as a tensor where torch.optim keeps a float (one ulp apart:
+        # the rules' module docstring); with beta2 near 0 (a denominator of one squared
+        # gradient) Hypothesis found that ulp grown to 2e-10 relative after six steps.
+        tolerance = dict(tolerance, rtol=1e-8)
+    _assert_trajectories_close(ours, theirs, **tolerance)
 
 
 # ---------------------------------------------------------------------------------------------
