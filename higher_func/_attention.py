@@ -23,7 +23,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from ._compat import sdpa_math
+from ._compat import SDPA_OPTIONS, sdpa_math_call
 
 __all__ = ["multi_head_attention_forward", "scaled_dot_product_attention", "WORDS"]
 
@@ -59,6 +59,8 @@ def scaled_dot_product_attention(
     Raises:
         RuntimeError: as torch's function does, e.g. for both ``attn_mask`` and
             ``is_causal``.
+        TypeError: for ``scale`` or ``enable_gqa`` on a torch older than the release that
+            added them (2.1, 2.5), where torch's function does not take them either.
 
     Example:
         >>> q = torch.randn(2, 4, 5, 8, requires_grad=True)
@@ -77,7 +79,24 @@ def scaled_dot_product_attention(
         newer["scale"] = scale
     if enable_gqa:
         newer["enable_gqa"] = True
-    return sdpa_math(query, key, value, attn_mask, dropout_p, is_causal, **newer)[0]
+    unknown = sorted(newer.keys() - SDPA_OPTIONS)
+    if unknown:
+        option = unknown[0]
+        raise TypeError(
+            f"scaled_dot_product_attention: {option}= needs torch >= {_SINCE[option]} (as "
+            f"F.scaled_dot_product_attention does), this is torch {torch.__version__}; "
+            f"{_INSTEAD[option]}"
+        )
+    return sdpa_math_call(query, key, value, attn_mask, dropout_p, is_causal, **newer)[0]
+
+
+#: The torch release that gave the math kernel (and torch's function) each newer option, and
+#: what to write on an older torch.
+_SINCE = {"scale": "2.1", "enable_gqa": "2.5"}
+_INSTEAD = {
+    "scale": "multiply the query by scale * sqrt(query.shape[-1]) instead",
+    "enable_gqa": "repeat key and value along the head dim (repeat_interleave) instead",
+}
 
 
 def _with_math_attention(function: Any) -> types.FunctionType:

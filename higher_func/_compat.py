@@ -71,6 +71,8 @@ __all__ = [
     "MIN_TORCH",
     "pytree",
     "sdpa_math",
+    "sdpa_math_call",
+    "SDPA_OPTIONS",
     "set_handle_extra_dicts",
     "storage_key",
     "top_saved_tensors_hooks",
@@ -264,6 +266,40 @@ def attention_fastpath_off() -> Iterator[None]:
 #: (another thread's attention would change kernel too). A private op since torch 2.0
 #: (``scale=`` since 2.1, ``enable_gqa=`` since 2.5); returns ``(output, weights)``.
 sdpa_math = torch.ops.aten._scaled_dot_product_attention_math
+
+#: The keyword options of ``F.scaled_dot_product_attention`` the installed math kernel takes
+#: beyond torch 2.0's: ``scale`` (torch 2.1), ``enable_gqa`` (torch 2.5). Read from the op's
+#: schema, not from the version number; torch's own function gained them in the same releases.
+SDPA_OPTIONS: FrozenSet[str] = frozenset(
+    argument.name
+    for argument in sdpa_math.default._schema.arguments
+    if argument.name in ("scale", "enable_gqa")
+)
+
+
+def _vmap_has_rule(op: Any) -> bool:
+    # Whether torch.vmap batches ``op`` itself rather than by its slow per-sample fallback
+    # (which warns "There is a performance drop"). No public query; these dispatch keys are
+    # functorch's since torch 2.0.
+    name = op.name()
+    return any(
+        torch._C._dispatch_has_kernel_for_dispatch_key(name, key)
+        for key in ("FuncTorchBatched", "FuncTorchBatchedDecomposition")
+    )
+
+
+def _sdpa_math_decomposed(*args: Any, **kwargs: Any) -> Tuple[torch.Tensor, torch.Tensor]:
+    return sdpa_math.default.decompose(*args, **kwargs)
+
+
+#: Calls the math kernel, same arguments as ``sdpa_math``. torch 2.0 to at least 2.4 (checked:
+#: 2.0.1, 2.4.1; 2.13 has the rule) have no vmap rule for it: a batched patch's attention
+#: would run task by task, with torch's performance warning. There it is called through its
+#: own decomposition (the op is CompositeImplicitAutograd: the same ops, the same values and
+#: dropout draws), which vmap batches.
+sdpa_math_call: Callable[..., Tuple[torch.Tensor, torch.Tensor]] = (
+    sdpa_math if _vmap_has_rule(sdpa_math.default) else _sdpa_math_decomposed
+)
 
 
 # -- the patch's private copies (issue 19: _tree, _graph, _tensors) --------------------------

@@ -21,10 +21,11 @@ from torch import nn
 
 import higher_func
 from higher_func import _attention, _reroute
-from higher_func._compat import sdpa_math
+from higher_func._compat import SDPA_OPTIONS
 
 DTYPE = torch.float64
-HAS_GQA = "enable_gqa" in str(sdpa_math.default._schema)
+HAS_GQA = "enable_gqa" in SDPA_OPTIONS  # torch 2.5
+HAS_SCALE = "scale" in SDPA_OPTIONS  # torch 2.1
 
 
 def _bool_mask(length: int) -> torch.Tensor:
@@ -46,6 +47,34 @@ VARIANTS = {
 }
 if HAS_GQA:
     VARIANTS["gqa"] = {"enable_gqa": True}
+
+
+def variant_of(name: str) -> dict:
+    """``VARIANTS[name]``; skips the test where the installed torch cannot do it."""
+    if name == "scale" and not HAS_SCALE:
+        pytest.skip("scale= of F.scaled_dot_product_attention needs torch >= 2.1")
+    return VARIANTS[name]
+
+
+def _math_only():
+    """torch's switch to its math attention kernel (process-wide)."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # before torch 2.3: the older switch, deprecated since
+        return torch.backends.cuda.sdp_kernel(
+            enable_flash=False, enable_math=True, enable_mem_efficient=False
+        )
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+def _fused_on_cpu() -> bool:
+    # torch 2.0 has no fused attention kernel on a CPU (F.scaled_dot_product_attention is the
+    # math kernel there); later releases take flash attention.
+    q = torch.randn(1, 1, 2, 2, requires_grad=True)
+    return "Flash" in type(F.scaled_dot_product_attention(q, q, q).grad_fn).__name__
+
+
+FUSED_ON_CPU = _fused_on_cpu()
 
 
 def eager_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
@@ -122,14 +151,12 @@ def assert_all_close(actual, expected) -> None:
 
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_function_is_torch_math_kernel(name):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    variant = VARIANTS[name]
+    variant = variant_of(name)
     torch.manual_seed(0)
     q = torch.randn(2, 2, 5, 4)
     kv = torch.randn(2, 1 if variant.get("enable_gqa") else 2, 5, 4)
     torch.manual_seed(1)
-    with sdpa_kernel(SDPBackend.MATH):  # process-wide, but this test runs alone
+    with _math_only():  # process-wide, but this test runs alone
         expected = F.scaled_dot_product_attention(q, kv, kv, **variant)
     torch.manual_seed(1)
     assert torch.equal(_attention.scaled_dot_product_attention(q, kv, kv, **variant), expected)
@@ -137,7 +164,7 @@ def test_function_is_torch_math_kernel(name):
 
 @pytest.mark.parametrize("name", [n for n in VARIANTS if n != "dropout"])
 def test_gradgradcheck(name):
-    variant = VARIANTS[name]
+    variant = variant_of(name)
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(1, 2, 5, 3, dtype=DTYPE, generator=gen, requires_grad=True)
     kv = torch.randn(1, 1 if variant.get("enable_gqa") else 2, 5, 3, dtype=DTYPE, generator=gen)
@@ -152,7 +179,7 @@ def test_gradgradcheck(name):
 
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_second_order_equals_eager_attention(name):
-    fused, eager = twins(VARIANTS[name])
+    fused, eager = twins(variant_of(name))
     x = torch.randn(3, 5, 4, dtype=DTYPE)
     loss, grads, _ = maml(fused, x)
     expected_loss, expected, _ = maml(eager, x)
@@ -178,15 +205,33 @@ def _kernel_of(output: torch.Tensor) -> str:
     return type(output.grad_fn).__name__
 
 
-def test_patched_call_uses_the_math_kernel_and_untracked_the_fused_one():
+@pytest.fixture
+def math_calls(monkeypatch) -> list:
+    """The threads that called ``_attention.scaled_dot_product_attention``, in order: whether
+    a call was rerouted, also where torch's own kernel is the math kernel too (torch 2.0 on a
+    CPU), so that the kernels cannot tell."""
+    calls: list = []
+    original = _attention.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls.append(threading.current_thread().name)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(_attention, "scaled_dot_product_attention", spy)
+    return calls
+
+
+def test_patched_call_uses_the_math_kernel_and_untracked_the_fused_one(math_calls):
     torch.manual_seed(0)
-    kernels = []
+    kernels, rerouted = [], []
 
     class Probe(Attention):
         def forward(self, x):
             q = self.q(x).view(2, 5, 2, 4).transpose(1, 2)
+            before = len(math_calls)
             out = F.scaled_dot_product_attention(q, q, q)
             kernels.append(_kernel_of(out))
+            rerouted.append(len(math_calls) > before)
             return out.sum()
 
     model = Probe({})
@@ -197,10 +242,13 @@ def test_patched_call_uses_the_math_kernel_and_untracked_the_fused_one():
     fmodel(x)
     fmodel.track_higher_grads = True
     model(x)  # the user's own module is not rerouted
-    assert ["Flash" in k for k in kernels] == [False, True, True]
+    assert rerouted == [True, False, False]
+    assert "Flash" not in kernels[0]
+    if FUSED_ON_CPU:
+        assert ["Flash" in k for k in kernels] == [False, True, True]
 
 
-def test_another_threads_attention_keeps_the_fused_kernel():
+def test_another_threads_attention_keeps_the_fused_kernel(math_calls):
     torch.manual_seed(0)
     inside, other_done = threading.Event(), threading.Event()
     kernels = {}
@@ -220,11 +268,30 @@ def test_another_threads_attention_keeps_the_fused_kernel():
         kernels["other"] = _kernel_of(F.scaled_dot_product_attention(q, q, q))
         other_done.set()
 
-    thread = threading.Thread(target=other)
+    thread = threading.Thread(target=other, name="other")
     thread.start()
     higher_func.monkeypatch(Waits({}), copy_initial_weights=False)(torch.randn(2, 5, 4))
     thread.join()
-    assert "Flash" in kernels["other"] and "Flash" not in kernels["patched"]
+    assert math_calls == [threading.current_thread().name]  # the patched call only
+    assert "Flash" not in kernels["patched"]
+    if FUSED_ON_CPU:
+        assert "Flash" in kernels["other"]
+
+
+@pytest.mark.skipif(HAS_SCALE, reason="only torch 2.0 lacks scale=")
+def test_scale_on_torch_2_0_is_refused_like_torch():
+    q = torch.randn(1, 1, 3, 2)
+    with pytest.raises(TypeError):
+        F.scaled_dot_product_attention(q, q, q, scale=0.3)
+    with pytest.raises(TypeError, match=r"scale= needs torch >= 2\.1.*multiply the query"):
+        _attention.scaled_dot_product_attention(q, q, q, scale=0.3)
+
+
+@pytest.mark.skipif(HAS_GQA, reason="only torch before 2.5 lacks enable_gqa=")
+def test_gqa_before_torch_2_5_is_refused_like_torch():
+    q = torch.randn(1, 2, 3, 2)
+    with pytest.raises(TypeError, match=r"enable_gqa= needs torch >= 2\.5.*repeat key"):
+        _attention.scaled_dot_product_attention(q, q[:, :1], q[:, :1], enable_gqa=True)
 
 
 def test_models_without_attention_are_not_rerouted():
@@ -329,7 +396,9 @@ def test_compiled_equals_eager(name):
 @pytest.mark.parametrize("name", ["plain", "bool_mask", "causal", "scale"])
 def test_second_order_on_cuda_equals_eager_attention(name):
     # float32 and half-width heads: where torch picks its flash or memory-efficient kernel.
-    variant = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in VARIANTS[name].items()}
+    variant = {
+        k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in variant_of(name).items()
+    }
     fused, eager = twins(variant)
     fused, eager = fused.float().cuda(), eager.float().cuda()
     x = torch.randn(3, 5, 4, device="cuda")
@@ -367,7 +436,7 @@ def attention_cases(draw):
         variant["attn_mask"] = torch.randn(length, source, dtype=DTYPE, generator=gen)
     elif mask == "causal" and length <= source:
         variant["is_causal"] = True
-    if draw(st.booleans()):
+    if HAS_SCALE and draw(st.booleans()):
         variant["scale"] = draw(st.floats(0.1, 2.0))
     return q, k, v, variant
 

@@ -138,6 +138,17 @@ def test_sdpa_math_kernel_takes_sdpa_arguments():
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, q, q))
 
 
+def test_sdpa_options_and_the_vmap_rule_query():
+    # scale= since torch 2.1, enable_gqa= since 2.5, read from the op's schema.
+    names = {a.name for a in _compat.sdpa_math.default._schema.arguments}
+    assert _compat.SDPA_OPTIONS == names & {"scale", "enable_gqa"}
+    # The dispatch-key query answers; ops vmap batches itself (matmul) have a rule.
+    assert _compat._vmap_has_rule(torch.ops.aten.mm.default)
+    q = torch.randn(2, 1, 1, 3, 2)
+    batched = torch.vmap(lambda t: _compat.sdpa_math_call(t, t, t)[0])(q)
+    torch.testing.assert_close(batched, torch.stack([_compat.sdpa_math(t, t, t)[0] for t in q]))
+
+
 def test_multi_head_attention_calls_sdpa_by_its_global_name():
     # _attention.multi_head_attention_forward rebinds that name in a copy of the function.
     assert "scaled_dot_product_attention" in F.multi_head_attention_forward.__code__.co_names
