@@ -33,12 +33,12 @@ from ._compat import (
     VMAP_LIMITS,
     BatchNorm,
     ConvNd,
+    attention_fastpath_off,
     autocast_enabled,
     is_compiling,
     pytree,
     user_stacklevel,
 )
-from ._compat import attention_fastpath_off as _fastpath_off_in_this_thread
 from ._task_state import ABSENT, Captured, PerTaskError, TaskState, rebuild, split, stack_values
 from ._tree import ModuleTree
 
@@ -121,51 +121,6 @@ def _is_vmap_limit(error: BaseException) -> bool:
         return False
     message = str(error)
     return any(limit in message for limit in VMAP_LIMITS)
-
-
-class _FastpathSwitch:
-    """Turns torch's attention fast path off while at least one batched call needs it off.
-
-    torch's switch (``torch.backends.mha.set_fastpath_enabled``) is process-wide, and torch
-    has no per-thread one. Each call saving the old value and restoring it on exit races with
-    another thread doing the same (the second saves "off" and restores it last, leaving the
-    fast path off for good), so the calls count themselves in under a lock instead: the first
-    turns the path off, the last one out restores what the user had.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._users = 0
-        self._before = True
-
-    @contextlib.contextmanager
-    def off(self) -> Iterator[None]:
-        if getattr(torch.backends, "mha", None) is None:
-            # torch < 2.2 has no switch: a pass-through mode in this thread does it there.
-            with _fastpath_off_in_this_thread():
-                yield
-            return
-        with self._lock:
-            if self._users == 0:
-                self._before = torch.backends.mha.get_fastpath_enabled()
-                torch.backends.mha.set_fastpath_enabled(False)
-            self._users += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._users -= 1
-                if self._users == 0:
-                    torch.backends.mha.set_fastpath_enabled(self._before)
-
-
-_FASTPATH = _FastpathSwitch()
-
-
-def attention_fastpath_off() -> contextlib.AbstractContextManager[None]:
-    """While it is entered, attention modules take their general path (in every thread:
-    torch's switch is process-wide); restored when the last such call in any thread ends."""
-    return _FASTPATH.off()
 
 
 def _split_tensors(tree: Any) -> Tuple[List[torch.Tensor], Callable[[List[Any]], Any]]:

@@ -19,6 +19,7 @@ import functools
 import inspect
 import os
 import sys
+import threading
 import types
 from typing import (
     TYPE_CHECKING,
@@ -230,32 +231,60 @@ class _NoAttentionFastpath(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-@contextlib.contextmanager
-def attention_fastpath_off() -> Iterator[None]:
-    """Makes nn.MultiheadAttention and nn.TransformerEncoderLayer skip their fused inference
-    kernel, which has no derivative, while the context is active.
+class _FastpathSwitch:
+    """Turns torch's attention fast path off while at least one caller, in any thread, needs
+    it off.
 
-    ``torch.backends.mha.set_fastpath_enabled`` (torch 2.2) is process-wide: while it is off,
-    other threads' attention modules take their general path too (same results, not the fused
-    kernel). torch 2.0 and 2.1 have no switch; their modules skip the kernel whenever a torch
-    function override is active, so a pass-through mode does it there (for this thread only,
-    at the price of a Python call per torch call inside the context).
+    torch's switch (``torch.backends.mha.set_fastpath_enabled``, torch 2.2) is process-wide and
+    has no per-thread form. Each caller saving the old value and restoring it on exit races with
+    another thread doing the same (the second saves "off" and restores it last, leaving the fast
+    path off for good), so callers count themselves in under a lock instead: the first turns the
+    path off, the last one out restores what the user had. Meanwhile other threads' attention
+    modules take their general path too (same results, not the fused kernel).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._before = True
+
+    @contextlib.contextmanager
+    def off(self) -> Iterator[None]:
+        mha = getattr(torch.backends, "mha", None)
+        if mha is None:
+            # torch 2.0 and 2.1 have no switch; their modules skip the kernel whenever a torch
+            # function override is active, so a pass-through mode does it there (this thread
+            # only, at a Python call per torch call inside the context).
+            with _NoAttentionFastpath():
+                yield
+            return
+        with self._lock:
+            if self._users == 0:
+                self._before = mha.get_fastpath_enabled()
+                mha.set_fastpath_enabled(False)
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._users -= 1
+                if self._users == 0:
+                    mha.set_fastpath_enabled(self._before)
+
+
+_FASTPATH = _FastpathSwitch()
+
+
+def attention_fastpath_off() -> contextlib.AbstractContextManager[None]:
+    """Makes nn.MultiheadAttention and nn.TransformerEncoderLayer skip their fused inference
+    kernel, which has no derivative, while the context is active (see ``_FastpathSwitch``);
+    restored when the last such context in any thread ends.
 
     Example:
         >>> with attention_fastpath_off():
         ...     pass
     """
-    mha = getattr(torch.backends, "mha", None)
-    if mha is None:
-        with _NoAttentionFastpath():
-            yield
-        return
-    before = mha.get_fastpath_enabled()
-    mha.set_fastpath_enabled(False)
-    try:
-        yield
-    finally:
-        mha.set_fastpath_enabled(before)
+    return _FASTPATH.off()
 
 
 # -- attention and embeddings (higher_func._attention, issue 22) ------------------------------

@@ -8,7 +8,6 @@ from typing import Any, Callable, Optional
 import torch
 
 from . import _compat, _reroute
-from ._batching import attention_fastpath_off
 from ._graph import PatchRefused
 from ._tree import diagnosing_compile
 
@@ -98,7 +97,11 @@ def compile(fn: Optional[Callable[..., Any]] = None, **compile_kwargs: Any) -> C
         # trace. Attention and padded embeddings are rerouted for the whole call too: compiled
         # code does not run the copies' rerouting forwards (see _reroute.everywhere).
         try:
-            with _compat.tracing_autograd(), _compat.tracing_rnns(), attention_fastpath_off():
+            with (
+                _compat.tracing_autograd(),
+                _compat.tracing_rnns(),
+                _compat.attention_fastpath_off(),
+            ):
                 with _reroute.everywhere():
                     return compiled(*args, **kwargs)
         except PatchRefused:
