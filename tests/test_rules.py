@@ -516,6 +516,10 @@ def test_trajectory_property(name, data):
         # the rules' module docstring); with beta2 near 0 (a denominator of one squared
         # gradient) Hypothesis found that ulp grown to 2e-10 relative after six steps.
         tolerance = dict(tolerance, rtol=1e-8)
+    if name in ("adam", "adamw") and torch.__version__ < "2.1":
+        # torch 2.0's Adam updates its first moment with mul_/add_, the rules (like torch >= 2.1)
+        # with lerp_: a unit in the last place apart, which a beta2 near 0 grows (2e-9 seen).
+        tolerance = dict(tolerance, rtol=1e-8, atol=1e-10)
     _assert_trajectories_close(ours, theirs, **tolerance)
 
 
