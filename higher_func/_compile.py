@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import inspect
+import types
 from typing import Any, Callable, Optional
 
 import torch
+from torch import nn
 
 from . import _compat, _reroute
 from ._graph import PatchRefused
@@ -94,15 +98,18 @@ def compile(fn: Optional[Callable[..., Any]] = None, **compile_kwargs: Any) -> C
     def run(*args: Any, **kwargs: Any) -> Any:
         # The attention fast path is off for the whole compiled call: batched patches turn
         # it off around each vmapped call in eager code (see _batching), which Dynamo does not
-        # trace. Attention and padded embeddings are rerouted for the whole call too: compiled
-        # code does not run the copies' rerouting forwards (see _reroute.everywhere).
+        # trace. Attention and padded embeddings are rerouted for the whole call too, when the
+        # step can reach a model that needs it: compiled code does not run the copies'
+        # rerouting forwards (see _reroute.everywhere), and a mode over a whole compiled call
+        # costs other models what Dynamo cannot trace under one (Tensor.unflatten's super()).
         try:
             with (
                 _compat.tracing_autograd(),
                 _compat.tracing_rnns(),
                 _compat.attention_fastpath_off(),
             ):
-                with _reroute.everywhere():
+                reroute = _reroute.everywhere() if _reaches_rerouted(fn, args, kwargs) else None
+                with reroute or contextlib.nullcontext():
                     return compiled(*args, **kwargs)
         except PatchRefused:
             raise
@@ -111,6 +118,43 @@ def compile(fn: Optional[Callable[..., Any]] = None, **compile_kwargs: Any) -> C
             raise
 
     return run
+
+
+def _reaches_rerouted(fn: Callable[..., Any], args: tuple, kwargs: dict) -> bool:
+    """Whether a module the meta-step ``fn`` can reach needs attention or embeddings rerouted
+    (``_reroute.wanted``). Reached without running ``fn``: its arguments, the variables it
+    closes over, the globals its code names, a bound method's object, and one level into
+    containers and plain objects among those. A model reached only some other way is not seen:
+    its attention keeps torch's kernels (first order only; torch's error at the meta-backward
+    says so)."""
+    candidates = [*args, *kwargs.values()]
+    function = inspect.unwrap(fn)
+    if isinstance(function, types.MethodType):
+        candidates.append(function.__self__)
+        function = function.__func__
+    code = getattr(function, "__code__", None)
+    if code is not None:
+        for cell in getattr(function, "__closure__", None) or ():
+            try:
+                candidates.append(cell.cell_contents)
+            except ValueError:  # an empty cell
+                continue
+        namespace = getattr(function, "__globals__", {})
+        candidates += [namespace.get(name) for name in code.co_names]
+    for candidate in candidates:
+        if isinstance(candidate, nn.Module):
+            if _reroute.wanted(candidate):
+                return True
+            continue
+        if isinstance(candidate, (list, tuple)):
+            inner = list(candidate)
+        elif isinstance(candidate, dict):
+            inner = list(candidate.values())
+        else:
+            inner = list(getattr(candidate, "__dict__", {}).values())
+        if any(isinstance(m, nn.Module) and _reroute.wanted(m) for m in inner):
+            return True
+    return False
 
 
 def _explain(fn: Callable[..., Any], args: tuple, kwargs: dict, error: Exception) -> None:

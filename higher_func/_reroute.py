@@ -134,6 +134,23 @@ def everywhere() -> TorchFunctionMode:
     return _Mode(attention=True, embedding=False, padded=True, mha=False)
 
 
+def wanted(module: nn.Module) -> bool:
+    """Whether any module of ``module``'s tree would be rerouted by a patch (attention, or an
+    embedding in a batched one): what ``higher_func.compile`` asks before it covers a
+    compiled call with ``everywhere()``, which only such models need.
+
+    Example:
+        >>> wanted(torch.nn.Linear(2, 2)), wanted(torch.nn.MultiheadAttention(4, 2))
+        (False, True)
+    """
+    for cls in {type(m) for m in module.modules()}:
+        # (the ignore: as in install, torch's stubs hide that a module class is Hashable)
+        direct, weak, embedding = _kinds(cls)  # type: ignore[arg-type]
+        if weak or embedding:
+            return True
+    return False
+
+
 def install(copies: Dict[int, nn.Module], batched: bool) -> Optional[Reroute]:
     """Give the copies that could reach attention (and, when ``batched``, an embedding
     lookup) a rerouting ``forward``.

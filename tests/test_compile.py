@@ -397,3 +397,32 @@ def test_batched_vmap_limit_models_compile(name):
 def scalar_losses(output):
     """One loss per task of a batched output (its tensors, whatever else it holds)."""
     return sum((t * t + torch.sin(t)).flatten(1).mean(1) for t in tensors_in(output))
+
+
+@pytest.mark.slow  # compiles a meta-step
+def test_a_model_without_attention_compiles_with_torchs_python_tensor_methods():
+    # Tensor.unflatten calls super() in Python, which Dynamo cannot trace under a torch
+    # function mode: the attention rerouting mode covers only steps whose models need it.
+    class Unflattening(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(6, 6)
+
+        def forward(self, x):
+            return self.lin(x).unflatten(-1, (2, 3)).sum(-1)
+
+    torch.manual_seed(0)
+    model = Unflattening()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(4, 6)
+
+    def meta_loss(x):
+        with higher_func.innerloop_ctx(model, opt, copy_initial_weights=False) as (fm, diffopt):
+            diffopt.step(fm(x).pow(2).sum())
+            return fm(x).pow(2).sum()
+
+    expected = torch.autograd.grad(meta_loss(x), list(model.parameters()))
+    compiled = higher_func.compile(meta_loss, backend="aot_eager")
+    got = torch.autograd.grad(compiled(x), list(model.parameters()))
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e)
