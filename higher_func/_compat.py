@@ -46,7 +46,6 @@ from torch.overrides import TorchFunctionMode
 # torch's pytree (tree_flatten, tree_unflatten, tree_map, tree_leaves), which vmap and Dynamo
 # understand. Private since torch 1.x; torch 2.13 still has no public ``torch.utils.pytree``.
 from torch.utils import _pytree
-from torch.utils.hooks import RemovableHandle
 
 __all__ = [
     "ALLOW_RNN",
@@ -65,7 +64,6 @@ __all__ = [
     "foreach_mul",
     "foreach_neg",
     "foreach_sqrt",
-    "handle_extra_dicts",
     "inside_checkpoint",
     "is_compiling",
     "lazy_clone",
@@ -74,7 +72,6 @@ __all__ = [
     "sdpa_math",
     "sdpa_math_call",
     "SDPA_OPTIONS",
-    "set_handle_extra_dicts",
     "storage_key",
     "top_saved_tensors_hooks",
     "TRACE_AUTOGRAD_OPS",
@@ -450,32 +447,6 @@ def foreach_differentiable() -> bool:
     except RuntimeError:
         return False
     return True
-
-
-def handle_extra_dicts(handle: RemovableHandle) -> Tuple[Any, ...]:
-    """The weak references to the extra dicts ``handle.remove()`` also deletes its hook from.
-
-    torch 2.0 keeps one weak reference (or None) in ``extra_dict_ref``; newer releases keep a
-    tuple of them. Read and written only through this and ``set_handle_extra_dicts``.
-
-    Example:
-        >>> layer = torch.nn.Linear(1, 1)
-        >>> handle = layer.register_forward_hook(lambda *args: None)
-        >>> all(ref() is not None for ref in handle_extra_dicts(handle))
-        True
-    """
-    refs = handle.extra_dict_ref
-    if isinstance(refs, tuple):
-        return refs
-    return () if refs is None else (refs,)
-
-
-def set_handle_extra_dicts(handle: RemovableHandle, refs: Tuple[Any, ...]) -> None:
-    """Store ``refs`` (weak references) as ``handle``'s extra dicts, in its torch's form."""
-    if isinstance(handle.extra_dict_ref, tuple):
-        handle.extra_dict_ref = tuple(refs)
-    else:  # torch 2.0: at most one
-        handle.extra_dict_ref = refs[0] if refs else None
 
 
 #: nn.Module.compile() (torch >= 2.2) keeps the compiled call under this private name; a

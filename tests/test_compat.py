@@ -427,24 +427,6 @@ def test_compile_names_the_torch_it_needs():
     assert torch.__version__ in str(info.value)
 
 
-def test_handle_extra_dicts_round_trip_and_remove_still_cleans_them():
-    import collections
-    import weakref
-
-    from torch.utils.hooks import RemovableHandle
-
-    # OrderedDicts, as modules keep their hooks in (a plain dict cannot be weakly referenced).
-    hooks, extra, other = (collections.OrderedDict() for _ in range(3))
-    handle = RemovableHandle(hooks, extra_dict=extra)
-    hooks[handle.id] = extra[handle.id] = other[handle.id] = "hook"
-    (ref,) = _compat.handle_extra_dicts(handle)
-    assert ref() is extra
-    _compat.set_handle_extra_dicts(handle, (weakref.ref(other),))
-    handle.remove()
-    assert not hooks and not other and extra  # the new extra dict is the one cleaned
-    assert _compat.handle_extra_dicts(RemovableHandle(collections.OrderedDict())) == ()
-
-
 def test_a_group_key_the_torch_optim_class_lacks_is_ignored_as_it_ignores_it():
     # As torch 2.0's NAdam ignores a `maximize` written into its groups (it has no such
     # option), so does the differentiable copy; simulated here by a class without it.
